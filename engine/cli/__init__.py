@@ -1,0 +1,1 @@
+"""Command-line layer: parses arguments and calls the library / Snakemake; no logic."""

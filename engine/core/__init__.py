@@ -1,0 +1,1 @@
+"""Core law shared by every state: identities, RNG, samplers, paths, publishing, RNG logs, bundles."""
