@@ -83,3 +83,48 @@ class RunContext:
             toks = dict(self.ids_1a.tokens())
         toks.update(tokens)
         return self.data_root / d.path(dataset_id, **toks)
+
+
+def context_to_json(ctx: RunContext) -> str:
+    """Serialise a context for a Snakemake job (one compact JSON string)."""
+    import json
+
+    def ids(i: SegmentIds | None):
+        return None if i is None else {
+            "segment": i.segment,
+            "seed": i.seed,
+            "parameter_hash": i.parameter_hash,
+            "manifest_fingerprint": i.manifest_fingerprint,
+            "run_id": i.run_id,
+        }
+
+    return json.dumps(
+        {
+            "data_root": str(ctx.data_root),
+            "repo_root": str(ctx.repo_root),
+            "config": ctx.config,
+            "ids": ids(ctx.ids),
+            "ids_1a": ids(ctx.ids_1a),
+            "extra": ctx.extra,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def context_from_json(text: str, data_root: Path | None = None) -> RunContext:
+    import json
+
+    d = json.loads(text)
+
+    def ids(x):
+        return None if x is None else SegmentIds(**x)
+
+    return RunContext(
+        data_root=Path(data_root if data_root is not None else d["data_root"]).resolve(),
+        repo_root=Path(d["repo_root"]),
+        config=d["config"],
+        ids=ids(d["ids"]),
+        ids_1a=ids(d.get("ids_1a")),
+        extra=d.get("extra", {}),
+    )
