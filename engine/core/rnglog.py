@@ -1,0 +1,1133 @@
+"""RNG logs: audit, events, trace -- writing (vectorised), reading (u64-exact) and reconciliation.
+
+Layout (decision 2; templates in the dictionaries' shared section)::
+
+    logs/rng/audit/seed=/parameter_hash=/run_id=/rng_audit_log.jsonl
+    logs/rng/events/<family>/seed=/parameter_hash=/run_id=/part-NNNNN.jsonl
+    logs/rng/trace/seed=/parameter_hash=/run_id=/rng_trace_log.jsonl
+
+Writing -- :class:`RngLogs` ``(data_root, segment, ids, config=None)``:
+
+* :meth:`RngLogs.write_audit` ``(build_commit=..., **optional)`` -- the 00-core 3.7 audit row
+  (``algorithm = "philox2x64-10"``; ``build_commit`` = code digest hex, decision 3). If a row of this run
+  with the same non-``ts_utc`` fields exists, nothing is written.
+* :meth:`RngLogs.add_events` ``(family, module, label, columns, part=0)`` -- columns is a dict of equal-length
+  arrays: ``before_hi, before_lo, after_hi, after_lo, blocks, draws`` (u64), ``merchant_id`` when the family
+  is merchant-scoped, and the family payload (typed by the family schema; ``None`` / NaN -> null; a scalar
+  is broadcast). Rows must already be in writer order. The audit row must exist
+  (``RngError("E_RNG_AUDIT_MISSING")``); module/label must be a registered pair of the family
+  (``E_RNG_ENVELOPE``); counters, budgets and payload are checked before anything is written
+  (``E_RNG_COUNTER_MISMATCH``, ``E_RNG_BUDGET_VIOLATION``, ``E_NONCONSUMING_CHANGED_COUNTERS``, ``E_RNG_ENVELOPE``).
+* :meth:`RngLogs.close` -- writes each ``(family, part)`` as ``part-NNNNN.jsonl`` (temp + rename; a re-run
+  replaces its own part), then rewrites the trace atomically (under a lock): rows of the
+  ``(module, substream_label)`` keys this writer touched are dropped, then one cumulative row per event is
+  appended in event order -- a re-run of a state never double counts. One ``ts_utc`` per close.
+  Use one writer per state execution for all events of a key. ``with RngLogs(...) as logs:`` closes on
+  success and discards on an exception.
+
+Lines are canonical JSON (sorted keys, compact, ASCII): envelope (00-core 3.6) + payload at top level;
+u64 exact, ``draws`` a decimal string, floats via ``repr`` (shortest round trip), booleans/nulls as JSON;
+an optional field that is null is omitted (e.g. ``selection_order`` present iff selected).
+Throughput ~0.5-1 M events/s (lines are built column-wise with pyarrow; see ``benchmarks``/tests).
+
+Reading -- :func:`read_events` ``(data_root, ids, family, columns=None)`` (explicit Arrow schema from the
+family schema, u64 exact, parts concatenated in part order), :func:`read_trace`, :func:`read_audit`.
+
+Checking -- :func:`reconcile` ``(data_root, ids, families=None, chain=False)`` returns failure dicts
+``{code, family, module, substream_label, detail, rows}``: per event ``blocks == u128(after) - u128(before)``
+(``E_RNG_COUNTER_MISMATCH``), fixed budgets (``E_RNG_BUDGET_VIOLATION``), non-consuming families keep their
+counters (``E_NONCONSUMING_CHANGED_COUNTERS``), registered module/label/context (``E_SCHEMA_INVALID``),
+embedded identities (``E_PATH_EMBED_MISMATCH``); per ``(module, substream_label)`` trace row count == event
+count (``E_TRACE_COVERAGE_MISSING``) and final totals == event sums (``E_TRACE_TOTALS_MISMATCH``); audit row
+present (``E_RNG_AUDIT_MISSING``); with ``chain=True`` consecutive consuming events of one keyed substream
+chain (``E_RNG_COUNTER_MISMATCH``). :func:`check_events` and :func:`check_chains` do the per-table parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numba
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+
+from engine.core import dictionary
+from engine.core.errors import RngError
+from engine.core.publish import canonical_json_bytes
+from engine.core.schema import arrow_schema, arrow_type, is_nullable, load_schema, validate_record, validate_table
+
+ALGORITHM = "philox2x64-10"
+U64 = np.uint64
+_MASK32 = np.uint64(0xFFFFFFFF)
+COUNTER_COLS = ("before_hi", "before_lo", "after_hi", "after_lo", "blocks", "draws")
+ENVELOPE = (
+    "ts_utc", "run_id", "seed", "parameter_hash", "manifest_fingerprint", "module", "substream_label",
+    "rng_counter_before_lo", "rng_counter_before_hi", "rng_counter_after_lo", "rng_counter_after_hi",
+    "blocks", "draws",
+)
+_ENV_FROM_COL = {
+    "rng_counter_before_hi": "before_hi", "rng_counter_before_lo": "before_lo",
+    "rng_counter_after_hi": "after_hi", "rng_counter_after_lo": "after_lo",
+}
+TRACE_SCHEMA_REF = "schemas/rng/rng_trace_log.schema.json"
+AUDIT_SCHEMA_REF = "schemas/rng/rng_audit_log.schema.json"
+MAX_ROWS = 10
+
+
+def utc_now() -> str:
+    """RFC-3339 UTC with exactly 6 fractional digits and ``Z`` (logs only; decision 5)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ====================================================================== JSON line rendering
+# Lines are rendered by one numba kernel from a small "program" (one step per field, keys pre-sorted):
+# constants and keys are copied from a byte blob, u64/i64 are formatted in the kernel, floats and strings
+# arrive pre-rendered as JSON text (Arrow string buffers). This keeps the writer columnar and fast.
+K_CONST, K_U64, K_I64, K_STR, K_QU64, K_BOOL = 0, 1, 2, 3, 4, 5
+_VAL_BOUND = {K_U64: 20, K_I64: 20, K_QU64: 22, K_BOOL: 5}
+_CHUNK_BYTES = 32 << 20  # rendering buffer per chunk
+_NEEDS_ESCAPE = r'["\\\x00-\x1f\x7f]|[^\x00-\x7f]'
+
+
+_POW10 = np.array([10 ** i for i in range(20)], dtype=np.uint64)
+_DIGITS2 = np.frombuffer(b"".join(b"%02d" % i for i in range(100)), dtype=np.uint8).copy()
+
+
+@numba.njit(cache=True)
+def _fmt_u64(out, pos, x):
+    """Decimal text of a u64 at out[pos:]; returns the new position (two digits per division)."""
+    pow10 = _POW10
+    dig = _DIGITS2
+    n = 1
+    while n < 20 and x >= pow10[n]:
+        n += 1
+    p = pos + n
+    while x >= np.uint64(100):
+        q = x // np.uint64(100)
+        r = np.int64(x - q * np.uint64(100)) * 2
+        p -= 2
+        out[p] = dig[r]
+        out[p + 1] = dig[r + 1]
+        x = q
+    if x >= np.uint64(10):
+        r = np.int64(x) * 2
+        out[p - 2] = dig[r]
+        out[p - 1] = dig[r + 1]
+    else:
+        out[p - 1] = np.uint8(np.uint64(48) + x)
+    return pos + n
+
+
+@numba.njit(cache=True)
+def _render(row0, row1, kinds, args, pre_start, pre_len, null_idx, omit, blob, u64cols, i64cols, svals, soffs,
+            nulls, out):
+    """Render rows [row0, row1) into ``out``; returns the byte count. Each step copies its prefix (commas,
+    keys, merged constants) from ``blob`` and then writes its value; an omitted optional step writes nothing
+    (if it was the line's first field, the next prefix loses its leading comma)."""
+    pos = 0
+    ns = kinds.shape[0]
+    for r in range(row0, row1):
+        out[pos] = 123  # {
+        pos += 1
+        strip = False
+        for f in range(ns):
+            isnull = False
+            ni = null_idx[f]
+            if ni >= 0:
+                isnull = nulls[ni, r]
+            if isnull and omit[f]:
+                if f == 0:
+                    strip = True
+                continue
+            ps = pre_start[f]
+            pl = pre_len[f]
+            if strip and pl > 0 and blob[ps] == 44:
+                ps += 1
+                pl -= 1
+            strip = False
+            out[pos:pos + pl] = blob[ps:ps + pl]
+            pos += pl
+            k = kinds[f]
+            if k < 0:
+                continue
+            if isnull:
+                out[pos] = 110
+                out[pos + 1] = 117
+                out[pos + 2] = 108
+                out[pos + 3] = 108
+                pos += 4
+            elif k == 1:
+                pos = _fmt_u64(out, pos, u64cols[args[f], r])
+            elif k == 2:
+                v = i64cols[args[f], r]
+                if v < 0:
+                    out[pos] = 45
+                    pos += 1
+                    pos = _fmt_u64(out, pos, np.uint64(-(v + 1)) + np.uint64(1))
+                else:
+                    pos = _fmt_u64(out, pos, np.uint64(v))
+            elif k == 3:
+                s = soffs[args[f], r]
+                e = soffs[args[f], r + 1]
+                out[pos:pos + (e - s)] = svals[s:e]
+                pos += e - s
+            elif k == 4:
+                out[pos] = 34
+                pos = _fmt_u64(out, pos + 1, u64cols[args[f], r])
+                out[pos] = 34
+                pos += 1
+            else:
+                if u64cols[args[f], r] != np.uint64(0):
+                    out[pos] = 116
+                    out[pos + 1] = 114
+                    out[pos + 2] = 117
+                    out[pos + 3] = 101
+                    pos += 4
+                else:
+                    out[pos] = 102
+                    out[pos + 1] = 97
+                    out[pos + 2] = 108
+                    out[pos + 3] = 115
+                    out[pos + 4] = 101
+                    pos += 5
+    return pos
+
+
+@numba.njit(cache=True)
+def _float_flags(vals, offs, x, flags):
+    """Per row: 0 = Arrow text is repr's text, 1 = repr adds ".0", 2 = needs repr (see _float_strings)."""
+    nbad = 0
+    for i in range(x.shape[0]):
+        has_e = False
+        has_dot = False
+        for j in range(offs[i], offs[i + 1]):
+            c = vals[j]
+            if c == 101:
+                has_e = True
+            elif c == 46:
+                has_dot = True
+        ax = abs(x[i])
+        if ax < 1e16 and not has_e and has_dot and ax >= 1e-4:
+            flags[i] = 0
+        elif ax < 1e16 and not has_e and not has_dot and x[i] == np.floor(x[i]):
+            flags[i] = 1
+        else:
+            flags[i] = 2
+            nbad += 1
+    return nbad
+
+
+@numba.njit(cache=True)
+def _float_assemble(vals, offs, flags, rep_blob, rep_offs, out, out_offs):
+    pos = 0
+    k = 0
+    for i in range(flags.shape[0]):
+        out_offs[i] = pos
+        f = flags[i]
+        if f == 2:
+            s = rep_offs[k]
+            e = rep_offs[k + 1]
+            k += 1
+            for j in range(e - s):
+                out[pos + j] = rep_blob[s + j]
+            pos += e - s
+        else:
+            s = offs[i]
+            e = offs[i + 1]
+            for j in range(e - s):
+                out[pos + j] = vals[s + j]
+            pos += e - s
+            if f == 1:
+                out[pos] = 46
+                out[pos + 1] = 48
+                pos += 2
+    out_offs[flags.shape[0]] = pos
+    return pos
+
+
+def _string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values uint8, offsets int64 relative to values) of a string array without nulls."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.string())
+    bufs = arr.buffers()
+    offs = np.frombuffer(bufs[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4).astype(np.int64)
+    vals = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return vals, offs
+
+
+def _float_strings(values: np.ndarray) -> pa.Array:
+    """JSON text of finite float64 values, byte-equal to Python ``repr`` (shortest round trip).
+
+    Arrow's float->string cast gives the same shortest digits as ``repr`` but a different layout for
+    exponent forms, integral values ("1" vs "1.0") and some magnitudes. Rows where ``repr`` uses fixed
+    notation (1e-4 <= |x| < 1e16) and Arrow did too are kept; integral ones get ".0"; the rest (rare:
+    |x| < 1e-4, |x| >= 1e16, or Arrow chose an exponent) are formatted by ``repr``."""
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    n = values.shape[0]
+    vals, offs = _string_buffers(pc.cast(pa.array(values, type=pa.float64()), pa.string()))
+    flags = np.empty(n, dtype=np.int8)
+    nbad = _float_flags(vals, offs, values, flags)
+    reps = [float.__repr__(v).encode("ascii") for v in values[flags == 2].tolist()] if nbad else []
+    rep_blob = np.frombuffer(b"".join(reps), dtype=np.uint8) if reps else np.zeros(0, np.uint8)
+    rep_offs = np.zeros(len(reps) + 1, dtype=np.int64)
+    if reps:
+        np.cumsum([len(r) for r in reps], out=rep_offs[1:])
+    out = np.empty(int(offs[-1] - offs[0]) + 2 * n + int(rep_offs[-1]), dtype=np.uint8)
+    out_offs = np.empty(n + 1, dtype=np.int64)
+    used = _float_assemble(vals, offs, flags, rep_blob, rep_offs, out, out_offs)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(out_offs.astype(np.int32)), pa.py_buffer(out[:used]))
+
+
+def _json_strings(arr: pa.Array) -> pa.Array:
+    """Per-row JSON text of a float / string / list Arrow array (nulls stay null)."""
+    t = arr.type
+    if pa.types.is_floating(t):
+        vals = np.asarray(pc.fill_null(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False),
+                          dtype=np.float64)
+        if not np.isfinite(vals).all():
+            raise ValueError("non-finite float cannot be written as JSON")
+        s = _float_strings(vals)
+        if arr.null_count:
+            s = pc.if_else(pc.is_null(arr), pa.scalar(None, pa.string()), s)
+        return s
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        esc = np.asarray(pc.fill_null(pc.match_substring_regex(arr, _NEEDS_ESCAPE), False)
+                         .to_numpy(zero_copy_only=False), dtype=bool)
+        quoted = pc.binary_join_element_wise('"', arr, '"', "")
+        if esc.any():
+            idx = np.flatnonzero(esc)
+            rep = pa.array([json.dumps(arr[i].as_py(), ensure_ascii=True) for i in idx.tolist()], type=pa.string())
+            quoted = pc.replace_with_mask(quoted, pa.array(esc), rep)
+        return quoted
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        out = [None if v is None else json.dumps(v, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+               for v in arr.to_pylist()]
+        return pa.array(out, type=pa.string())
+    raise TypeError(f"unsupported Arrow type for JSON text: {t}")
+
+
+def _scalar_json(v: Any) -> str:
+    if isinstance(v, np.generic):
+        v = v.item()
+    return json.dumps(v, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+
+
+class _Plan:
+    """Columnar description of n JSON lines; :meth:`chunks` renders them (sorted keys, compact, ASCII)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._fields: list[tuple] = []  # (name, kind, payload, nulls|None, omit)
+
+    def const(self, name: str, value: Any) -> None:
+        self._fields.append((name, K_CONST, _scalar_json(value).encode("ascii"), None, False))
+
+    def u64(self, name: str, values: np.ndarray, quoted: bool = False) -> None:
+        self._fields.append((name, K_QU64 if quoted else K_U64, np.ascontiguousarray(values, dtype=np.uint64),
+                             None, False))
+
+    def arrow(self, name: str, arr: pa.Array, omit_null: bool) -> None:
+        """A typed Arrow column: ints/bools formatted in the kernel, floats/strings/lists pre-rendered."""
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        t = arr.type
+        nulls = np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool) if arr.null_count else None
+        if pa.types.is_unsigned_integer(t):
+            vals = np.asarray(pc.fill_null(pc.cast(arr, pa.uint64()), 0).to_numpy(zero_copy_only=False), np.uint64)
+            self._fields.append((name, K_U64, vals, nulls, omit_null))
+        elif pa.types.is_integer(t):
+            vals = np.asarray(pc.fill_null(pc.cast(arr, pa.int64()), 0).to_numpy(zero_copy_only=False), np.int64)
+            self._fields.append((name, K_I64, vals, nulls, omit_null))
+        elif pa.types.is_boolean(t):
+            vals = np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool).astype(np.uint64)
+            self._fields.append((name, K_BOOL, vals, nulls, omit_null))
+        else:
+            text = pc.fill_null(_json_strings(arr), "")
+            self._fields.append((name, K_STR, text, nulls, omit_null))
+
+    def chunks(self) -> Iterable[np.ndarray]:
+        """Render all lines; yields byte chunks (numpy views of one reused buffer: consume each at once)."""
+        n = self.n
+        fields = sorted(self._fields, key=lambda f: f[0])
+        blob = bytearray()
+        steps: list[tuple] = []  # (prefix bytes, kind, arg, null_idx, omit)
+        u64s: list[np.ndarray] = []
+        i64s: list[np.ndarray] = []
+        svals: list[np.ndarray] = []
+        soffs: list[np.ndarray] = []
+        null_rows: list[np.ndarray] = []
+        bound = 3
+        sbase = 0
+        pending = b""
+        for i, (name, kind, payload, nulls, om) in enumerate(fields):
+            key = (b"," if i else b"") + json.dumps(name).encode("ascii") + b":"
+            bound += len(key)
+            if kind == K_CONST:
+                pending += key + payload
+                bound += len(payload)
+                continue
+            if kind in (K_U64, K_QU64, K_BOOL):
+                arg = len(u64s)
+                u64s.append(payload)
+                width = _VAL_BOUND[kind]
+            elif kind == K_I64:
+                arg = len(i64s)
+                i64s.append(payload)
+                width = _VAL_BOUND[kind]
+            else:
+                v, o = _string_buffers(payload)
+                v = v[o[0]:o[-1]]
+                o = o - o[0]
+                arg = len(soffs)
+                svals.append(v)
+                soffs.append(o + sbase)
+                sbase += len(v)
+                width = int(np.diff(o).max()) if n else 0
+            bound += max(width, 4)
+            ni = -1
+            if nulls is not None:
+                ni = len(null_rows)
+                null_rows.append(nulls)
+            optional = bool(om and nulls is not None)
+            if optional and pending:
+                steps.append((pending, -1, 0, -1, False))
+                pending = b""
+            steps.append((pending + key, kind, arg, ni, optional))
+            pending = b""
+        steps.append((pending + b"}\n", -1, 0, -1, False))
+        ns = len(steps)
+        kinds = np.array([st[1] for st in steps], np.int64)
+        args = np.array([st[2] for st in steps], np.int64)
+        null_idx = np.array([st[3] for st in steps], np.int64)
+        omit = np.array([st[4] for st in steps], np.bool_)
+        pre_start = np.zeros(ns, np.int64)
+        pre_len = np.zeros(ns, np.int64)
+        for j, st in enumerate(steps):
+            pre_start[j], pre_len[j] = len(blob), len(st[0])
+            blob += st[0]
+        blob_arr = np.frombuffer(bytes(blob), dtype=np.uint8)
+        u64m = np.vstack(u64s) if u64s else np.zeros((0, n), np.uint64)
+        i64m = np.vstack(i64s) if i64s else np.zeros((0, n), np.int64)
+        sv = np.concatenate(svals) if svals else np.zeros(0, np.uint8)
+        so = np.vstack(soffs) if soffs else np.zeros((0, n + 1), np.int64)
+        nm = np.vstack(null_rows) if null_rows else np.zeros((0, n), np.bool_)
+        rows_per = max(1, _CHUNK_BYTES // bound)
+        buf = np.empty(min(n, rows_per) * bound, dtype=np.uint8)
+        for r0 in range(0, n, rows_per):
+            r1 = min(n, r0 + rows_per)
+            used = _render(r0, r1, kinds, args, pre_start, pre_len, null_idx, omit, blob_arr, u64m, i64m, sv, so,
+                           nm, buf)
+            yield buf[:used]
+
+
+# ====================================================================== numeric helpers
+def _u64(values: Any, name: str) -> np.ndarray:
+    """A u64 column without passing through signed or float types (decision 12)."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = pc.cast(values, pa.uint64()).to_numpy(zero_copy_only=False)
+    arr = np.asarray(values)
+    if arr.dtype == np.uint64:
+        return arr
+    if arr.dtype.kind == "i":
+        if arr.size and arr.min() < 0:
+            raise RngError("E_RNG_ENVELOPE", f"column {name} has negative values", rows=np.flatnonzero(arr < 0)[:10])
+        return arr.astype(np.uint64)
+    if arr.dtype.kind == "u":
+        return arr.astype(np.uint64)
+    if arr.dtype.kind in ("O", "U", "S"):
+        try:
+            return np.array([int(v) for v in arr.tolist()], dtype=np.uint64)
+        except (TypeError, ValueError, OverflowError):
+            raise RngError("E_RNG_ENVELOPE", f"column {name} is not u64") from None
+    raise RngError("E_RNG_ENVELOPE", f"column {name} must be an unsigned/signed integer array, got {arr.dtype}")
+
+
+def exact_sum(a: np.ndarray) -> int:
+    """Exact sum of a u64 array as a Python int (split in 32-bit halves; no wrap-around)."""
+    a = np.asarray(a, dtype=np.uint64)
+    if a.size == 0:
+        return 0
+    hi = int((a >> np.uint64(32)).sum(dtype=np.uint64))
+    lo = int((a & _MASK32).sum(dtype=np.uint64))
+    return (hi << 32) + lo
+
+
+def counter_delta_ok(before_hi, before_lo, after_hi, after_lo, blocks) -> np.ndarray:
+    """Row mask of ``u128(after) - u128(before) == blocks`` (vectorised, u64 halves)."""
+    borrow = (after_lo < before_lo).astype(np.uint64)
+    d_lo = after_lo - before_lo
+    d_hi = after_hi - before_hi - borrow
+    return (d_hi == np.uint64(0)) & (d_lo == blocks)
+
+
+def _budget_mask(spec: Mapping, blocks: np.ndarray, draws: np.ndarray) -> np.ndarray | None:
+    """Row mask of events violating a fixed budget (None when the budget is variable)."""
+    b = spec.get("budget")
+    if not isinstance(b, Mapping):
+        return None
+    if "draws" in b:
+        return (blocks != np.uint64(int(b["blocks"]))) | (draws != np.uint64(int(b["draws"])))
+    allowed = np.array([int(x) for x in b.get("blocks", [])], dtype=np.uint64)
+    bad = ~np.isin(blocks, allowed)
+    if b.get("draws_equals_blocks"):
+        bad |= draws != blocks
+    return bad
+
+
+# ====================================================================== paths
+def _ids_tokens(ids: Any) -> dict:
+    return {"seed": ids.seed, "parameter_hash": ids.parameter_hash,
+            "manifest_fingerprint": ids.manifest_fingerprint, "run_id": ids.run_id}
+
+
+def _dict_for(ids: Any, config: Mapping | None) -> dictionary.Dictionary:
+    return dictionary.load(ids.segment, config)
+
+
+def event_dir(data_root: str | Path, ids: Any, family: str, config: Mapping | None = None) -> Path:
+    return Path(data_root) / _dict_for(ids, config).path("rng_event", family=family, **_ids_tokens(ids))
+
+
+def trace_path(data_root: str | Path, ids: Any, config: Mapping | None = None) -> Path:
+    return Path(data_root) / _dict_for(ids, config).path("rng_trace_log", **_ids_tokens(ids))
+
+
+def audit_path(data_root: str | Path, ids: Any, config: Mapping | None = None) -> Path:
+    return Path(data_root) / _dict_for(ids, config).path("rng_audit_log", **_ids_tokens(ids))
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Exclusive advisory lock on ``.<name>.lock`` beside ``path`` (concurrent states share trace/audit)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _atomic_write(path: Path, chunks: Iterable[Any]) -> None:
+    """Write chunks to ``_tmp.<name>.<hex>`` beside ``path``, fsync, rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"_tmp.{path.name}.{os.urandom(6).hex()}"
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ====================================================================== writer
+@dataclass
+class _Batch:
+    family: str
+    module: str
+    label: str
+    part: int
+    n: int
+    plan: "_Plan"
+    before_hi: np.ndarray
+    before_lo: np.ndarray
+    after_hi: np.ndarray
+    after_lo: np.ndarray
+    blocks: np.ndarray
+    draws: np.ndarray
+
+
+class RngLogs:
+    """Writer of one state's RNG logs for one run (see module docstring)."""
+
+    def __init__(self, data_root: str | Path, segment: str, ids: Any, config: Mapping | None = None):
+        if ids.segment != segment:
+            raise RngError("E_RNG_ENVELOPE", f"ids are of segment {ids.segment}, writer segment {segment}")
+        self.data_root = Path(data_root)
+        self.segment = segment
+        self.ids = ids
+        self.config = config
+        self.dictionary = dictionary.load(segment, config)
+        self._families = self.dictionary.families()
+        self._batches: list[_Batch] = []
+
+    # -------------------------------------------------------------- paths
+    @property
+    def audit_path(self) -> Path:
+        return audit_path(self.data_root, self.ids, self.config)
+
+    @property
+    def trace_path(self) -> Path:
+        return trace_path(self.data_root, self.ids, self.config)
+
+    def event_dir(self, family: str) -> Path:
+        return event_dir(self.data_root, self.ids, family, self.config)
+
+    # -------------------------------------------------------------- audit
+    def write_audit(self, **fields: Any) -> bool:
+        """Write the run's audit row (00-core 3.7) unless an equal one (ignoring ts_utc) exists.
+        Required: ``build_commit`` (code digest hex). Optional: ``ts_utc``, ``code_digest``, ``git_commit``,
+        ``hostname``, ``platform``, ``notes``, ``rng_key``, ``rng_counter_hi``, ``rng_counter_lo``.
+        Returns True when a row was written."""
+        row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in fields.items() if v is not None}
+        row.setdefault("ts_utc", utc_now())
+        row.update(run_id=self.ids.run_id, seed=int(self.ids.seed), manifest_fingerprint=self.ids.manifest_fingerprint,
+                   parameter_hash=self.ids.parameter_hash, algorithm=ALGORITHM)
+        problems = validate_record(row, load_schema(AUDIT_SCHEMA_REF))
+        if problems:
+            raise RngError("E_RNG_ENVELOPE", "invalid rng_audit_log row", path=self.audit_path, rows=problems)
+        path = self.audit_path
+        with _locked(path):
+            existing = path.read_bytes() if path.exists() else b""
+            core = {k: v for k, v in row.items() if k != "ts_utc"}
+            for line in existing.splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    old = json.loads(line)
+                except ValueError:
+                    continue
+                if {k: v for k, v in old.items() if k != "ts_utc"} == core:
+                    return False
+            if existing and not existing.endswith(b"\n"):
+                existing += b"\n"
+            _atomic_write(path, [existing, canonical_json_bytes(row)])
+        return True
+
+    def audit_exists(self) -> bool:
+        return _audit_matches(read_audit(self.data_root, self.ids, self.config), self.ids)
+
+    # -------------------------------------------------------------- events
+    def add_events(self, family: str, module: str, label: str, columns: Mapping[str, Any], part: int = 0) -> int:
+        """Queue events of one family and one (module, substream_label); returns the row count."""
+        spec = self._families.get(family)
+        if spec is None:
+            raise RngError("E_RNG_ENVELOPE", f"unknown RNG event family {family!r}")
+        if spec.get("segment") != self.segment:
+            raise RngError("E_RNG_ENVELOPE", f"family {family} belongs to segment {spec.get('segment')}")
+        streams = spec.get("streams") or []
+        if not any(s["module"] == module and s["substream_label"] == label for s in streams):
+            raise RngError("E_RNG_ENVELOPE", f"({module}, {label}) is not a registered stream of {family}",
+                           detail={"registered": streams})
+        if not isinstance(part, int) or not 0 <= part <= 99999:
+            raise RngError("E_RNG_ENVELOPE", f"part must be an int in 0..99999, got {part!r}")
+        if not self.audit_exists():
+            raise RngError("E_RNG_AUDIT_MISSING", "no rng_audit_log row for this run before its first event "
+                           "(call write_audit first)", path=self.audit_path)
+        schema = load_schema(self.dictionary.schema_ref("rng_event", family=family))
+        props = schema["properties"]
+        required = set(schema.get("required") or [])
+        for c in COUNTER_COLS:
+            if c not in columns:
+                raise RngError("E_RNG_ENVELOPE", f"{family}: column {c!r} missing")
+        payload_names = [k for k in columns if k not in COUNTER_COLS]
+        unknown = [k for k in payload_names if k not in props or k in ENVELOPE]
+        if unknown:
+            raise RngError("E_RNG_ENVELOPE", f"{family}: columns not in the family schema: {unknown}")
+        missing = sorted(k for k in required if k not in ENVELOPE and k not in columns)
+        if missing:
+            raise RngError("E_RNG_ENVELOPE", f"{family}: payload columns missing: {missing}")
+
+        counters = {c: _u64(columns[c], c) for c in COUNTER_COLS}
+        n = len(counters["blocks"])
+        if any(len(v) != n for v in counters.values()):
+            raise RngError("E_RNG_ENVELOPE", f"{family}: counter columns differ in length")
+        if n == 0:
+            return 0
+        self._check_counters(family, spec, module, label, counters)
+
+        arrays: dict[str, pa.Array] = {}
+        consts: dict[str, Any] = {}
+        for name in payload_names:
+            v = columns[name]
+            prop = props[name]
+            if v is None or isinstance(v, (str, bool, int, float, np.generic)):
+                consts[name] = v
+                continue
+            try:
+                if isinstance(v, (pa.Array, pa.ChunkedArray)):
+                    arr = pc.cast(v, arrow_type(prop))
+                else:
+                    arr = pa.array(v, type=arrow_type(prop), from_pandas=True)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
+                raise RngError("E_RNG_ENVELOPE", f"{family}: column {name} does not fit {prop.get('x-arrow')}: {exc}") from None
+            if isinstance(arr, pa.ChunkedArray):
+                arr = arr.combine_chunks()
+            if len(arr) != n:
+                raise RngError("E_RNG_ENVELOPE", f"{family}: column {name} has {len(arr)} rows, expected {n}")
+            arrays[name] = arr
+        # payload values against the family schema (vectorised; constants as one-row columns)
+        sub = {"properties": {k: props[k] for k in payload_names}, "additionalProperties": False,
+               "required": [k for k in payload_names if k in required]}
+        check = dict(arrays)
+        for name, v in consts.items():
+            check[name] = pa.array([v], type=arrow_type(props[name]))
+        problems: list[str] = []
+        if arrays:
+            problems += validate_table(pa.table(arrays), {**sub, "required": []})
+        if consts:
+            const_sub = {**sub, "properties": {k: props[k] for k in consts}, "required": []}
+            problems += validate_table(pa.table({k: check[k] for k in consts}), const_sub)
+        if problems:
+            raise RngError("E_RNG_ENVELOPE", f"{family}: payload violates its schema", rows=problems)
+
+        plan = _Plan(n)
+        for k, v in (("run_id", self.ids.run_id), ("seed", int(self.ids.seed)),
+                     ("parameter_hash", self.ids.parameter_hash),
+                     ("manifest_fingerprint", self.ids.manifest_fingerprint),
+                     ("module", module), ("substream_label", label)):
+            plan.const(k, v)
+        for env, col in _ENV_FROM_COL.items():
+            plan.u64(env, counters[col])
+        plan.u64("blocks", counters["blocks"])
+        plan.u64("draws", counters["draws"], quoted=True)
+        for name, v in consts.items():
+            if v is None and name not in required:
+                continue  # optional null constant: omitted
+            plan.const(name, v)
+        for name, arr in arrays.items():
+            try:
+                plan.arrow(name, arr, omit_null=name not in required)
+            except ValueError as exc:
+                raise RngError("E_RNG_ENVELOPE", f"{family}: column {name}: {exc}") from None
+        self._batches.append(_Batch(family, module, label, part, n, plan, counters["before_hi"],
+                                    counters["before_lo"], counters["after_hi"], counters["after_lo"],
+                                    counters["blocks"], counters["draws"]))
+        return n
+
+    @staticmethod
+    def _check_counters(family: str, spec: Mapping, module: str, label: str, c: Mapping[str, np.ndarray]) -> None:
+        ok = counter_delta_ok(c["before_hi"], c["before_lo"], c["after_hi"], c["after_lo"], c["blocks"])
+        if not ok.all():
+            raise RngError("E_RNG_COUNTER_MISMATCH", f"{family} ({module}, {label}): blocks != after - before",
+                           rows=np.flatnonzero(~ok)[:MAX_ROWS].tolist())
+        if spec.get("consuming") is False:
+            moved = (c["before_hi"] != c["after_hi"]) | (c["before_lo"] != c["after_lo"]) | (c["draws"] != 0)
+            if moved.any():
+                raise RngError("E_NONCONSUMING_CHANGED_COUNTERS", f"{family}: non-consuming event moved counters",
+                               rows=np.flatnonzero(moved)[:MAX_ROWS].tolist())
+        bad = _budget_mask(spec, c["blocks"], c["draws"])
+        if bad is not None and bad.any():
+            raise RngError("E_RNG_BUDGET_VIOLATION", f"{family}: blocks/draws differ from the budget {spec['budget']}",
+                           rows=np.flatnonzero(bad)[:MAX_ROWS].tolist())
+
+    # -------------------------------------------------------------- close
+    def discard(self) -> None:
+        self._batches = []
+
+    def close(self) -> dict:
+        """Write queued events (one file per family and part) and rewrite the trace; returns a summary."""
+        batches, self._batches = self._batches, []
+        ts = utc_now()  # one ts_utc per close, for every event and trace row it writes
+        if not batches:
+            return {"ts_utc": ts, "events": {}, "trace_keys": []}
+        if not self.audit_exists():
+            raise RngError("E_RNG_AUDIT_MISSING", "no rng_audit_log row for this run", path=self.audit_path)
+        # trace plans first (totals are checked for u64 overflow before anything is written)
+        keys: list[tuple[str, str]] = []
+        for b in batches:
+            if (b.module, b.label) not in keys:
+                keys.append((b.module, b.label))
+        totals = {k: [0, 0, 0] for k in keys}  # events, blocks, draws
+        trace_plans: list[_Plan] = []
+        u64max = int(np.iinfo(np.uint64).max)
+        for b in batches:
+            t = totals[(b.module, b.label)]
+            ev, bl, dr = t[0] + b.n, t[1] + exact_sum(b.blocks), t[2] + exact_sum(b.draws)
+            if max(ev, bl, dr) > u64max:
+                raise RngError("E_RNG_BUDGET_VIOLATION",
+                               f"trace totals of ({b.module}, {b.label}) would overflow u64 (F4d)")
+            plan = _Plan(b.n)
+            for k, v in (("ts_utc", ts), ("run_id", self.ids.run_id), ("seed", int(self.ids.seed)),
+                         ("module", b.module), ("substream_label", b.label)):
+                plan.const(k, v)
+            plan.u64("rng_counter_before_hi", b.before_hi)
+            plan.u64("rng_counter_before_lo", b.before_lo)
+            plan.u64("rng_counter_after_hi", b.after_hi)
+            plan.u64("rng_counter_after_lo", b.after_lo)
+            plan.u64("events_total", np.arange(t[0] + 1, ev + 1, dtype=np.uint64))
+            plan.u64("blocks_total", np.cumsum(b.blocks, dtype=np.uint64) + np.uint64(t[1]))
+            plan.u64("draws_total", np.cumsum(b.draws, dtype=np.uint64) + np.uint64(t[2]))
+            trace_plans.append(plan)
+            totals[(b.module, b.label)] = [ev, bl, dr]
+        # events: one file per (family, part), batches in call order
+        groups: dict[tuple[str, int], list[_Batch]] = {}
+        for b in batches:
+            groups.setdefault((b.family, b.part), []).append(b)
+        summary: dict[str, dict] = {}
+        for (family, part), bs in groups.items():
+            path = self.event_dir(family) / f"part-{part:05d}.jsonl"
+            for b in bs:
+                b.plan.const("ts_utc", ts)
+            _atomic_write(path, (c for b in bs for c in b.plan.chunks()))
+            s = summary.setdefault(family, {"events": 0, "parts": []})
+            s["events"] += sum(b.n for b in bs)
+            s["parts"].append(path.name)
+        # trace: drop this writer's keys, append one cumulative row per event (after the events are durable)
+        path = self.trace_path
+        with _locked(path):
+            kept = _drop_trace_keys(path.read_bytes() if path.exists() else b"", set(keys))
+            _atomic_write(path, itertools.chain([kept], (c for p in trace_plans for c in p.chunks())))
+        return {"ts_utc": ts, "events": summary, "trace_keys": [list(k) for k in keys]}
+
+    def __enter__(self) -> "RngLogs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+
+def _drop_trace_keys(data: bytes, keys: set[tuple[str, str]]) -> bytes:
+    """Existing trace bytes without the rows of ``keys`` (vectorised over lines)."""
+    if not data:
+        return b""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if not lines:
+        return b""
+    arr = pa.array(lines, type=pa.binary()).cast(pa.string())
+    mod = pc.extract_regex(arr, r'"module":"(?P<m>[^"]*)"').field("m")
+    lab = pc.extract_regex(arr, r'"substream_label":"(?P<l>[^"]*)"').field("l")
+    combo = pc.binary_join_element_wise(mod, lab, "\x00")
+    drop = pc.is_in(combo, value_set=pa.array([f"{m}\x00{l}" for m, l in sorted(keys)], type=pa.string()))
+    keep = np.flatnonzero(~np.asarray(pc.fill_null(drop, False).to_numpy(zero_copy_only=False), dtype=bool))
+    if keep.size == len(lines):
+        return b"\n".join(lines) + b"\n"
+    return b"".join(lines[i] + b"\n" for i in keep.tolist())
+
+
+# ====================================================================== reading
+def _read_jsonl(path: Path, schema: pa.Schema) -> pa.Table:
+    read_schema = pa.schema([f.with_nullable(True) for f in schema])
+    try:
+        return pj.read_json(path, read_options=pj.ReadOptions(block_size=1 << 24),
+                            parse_options=pj.ParseOptions(explicit_schema=read_schema,
+                                                          unexpected_field_behavior="error"))
+    except pa.ArrowInvalid as exc:
+        raise RngError("E_SCHEMA_INVALID", f"JSON lines do not fit the schema: {exc}", path=path) from None
+
+
+def read_events(data_root: str | Path, ids: Any, family: str, columns: Sequence[str] | None = None,
+                config: Mapping | None = None, with_source: bool = False) -> pa.Table:
+    """Events of one family for one run as an Arrow table (explicit schema from the family schema: u64
+    exact, floats bit-exact), parts concatenated in part order. ``with_source`` adds ``_part`` (file name)
+    and ``_line`` (0-based line in the part). No event file -> an empty table."""
+    d = _dict_for(ids, config)
+    schema = arrow_schema(load_schema(d.schema_ref("rng_event", family=family)))
+    directory = event_dir(data_root, ids, family, config)
+    parts = sorted(p for p in directory.glob("part-*.jsonl")) if directory.is_dir() else []
+    tables = []
+    for p in parts:
+        t = _read_jsonl(p, schema).select(schema.names)
+        if with_source:
+            t = t.append_column("_part", pa.array([p.name] * t.num_rows, type=pa.string()))
+            t = t.append_column("_line", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+        tables.append(t)
+    if not tables:
+        empty = pa.schema([f.with_nullable(True) for f in schema])
+        if with_source:
+            empty = empty.append(pa.field("_part", pa.string())).append(pa.field("_line", pa.int64()))
+        t = empty.empty_table()
+    else:
+        t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if columns is not None:
+        t = t.select(list(columns))
+    return t
+
+
+def read_trace(data_root: str | Path, ids: Any, config: Mapping | None = None) -> pa.Table:
+    """The run's trace rows (file order), u64 exact; a missing file gives an empty table."""
+    schema = arrow_schema(load_schema(TRACE_SCHEMA_REF))
+    path = trace_path(data_root, ids, config)
+    if not path.exists() or path.stat().st_size == 0:
+        return pa.schema([f.with_nullable(True) for f in schema]).empty_table()
+    return _read_jsonl(path, schema).select(schema.names)
+
+
+def read_audit(data_root: str | Path, ids: Any, config: Mapping | None = None) -> list[dict]:
+    """The run's audit rows (Python ``json``; u64 exact)."""
+    path = audit_path(data_root, ids, config)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_bytes().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"_invalid": line[:200].decode("utf-8", "replace")})
+    return out
+
+
+def _audit_matches(rows: list[dict], ids: Any) -> bool:
+    return any(r.get("run_id") == ids.run_id and r.get("seed") == int(ids.seed)
+               and r.get("parameter_hash") == ids.parameter_hash
+               and r.get("manifest_fingerprint") == ids.manifest_fingerprint
+               and r.get("algorithm") == ALGORITHM for r in rows)
+
+
+# ====================================================================== checks
+_ROW_COLS = ("_part", "_line", "merchant_id", "module", "substream_label", "rng_counter_before_hi",
+             "rng_counter_before_lo", "rng_counter_after_hi", "rng_counter_after_lo", "blocks", "draws")
+
+
+def _rows_of(table: pa.Table, mask: np.ndarray) -> list[dict]:
+    idx = np.flatnonzero(mask)[:MAX_ROWS]
+    cols = [c for c in _ROW_COLS if c in table.column_names]
+    sub = table.select(cols).take(pa.array(idx, type=pa.int64()))
+    rows = sub.to_pylist()
+    for i, r in zip(idx.tolist(), rows):
+        r.setdefault("_row", i)
+    return rows
+
+
+def _failure(code: str, family: str | None, detail: str, table: pa.Table | None = None,
+             mask: np.ndarray | None = None, module: str | None = None, label: str | None = None,
+             **extra: Any) -> dict:
+    f = {"code": code, "family": family, "module": module, "substream_label": label, "detail": detail,
+         "rows": _rows_of(table, mask) if table is not None and mask is not None else []}
+    if mask is not None:
+        f["count"] = int(np.count_nonzero(mask))
+    f.update(extra)
+    return f
+
+
+def _np(table: pa.Table, name: str) -> np.ndarray:
+    col = table[name]
+    if pa.types.is_unsigned_integer(col.type) and col.type.bit_width == 64:
+        return np.asarray(pc.fill_null(col, 0).to_numpy(zero_copy_only=False), dtype=np.uint64)
+    return np.asarray(col.to_numpy(zero_copy_only=False))
+
+
+def _bool(arr: Any) -> np.ndarray:
+    return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def parse_draws(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(draws as u64, mask of rows whose draws is not a canonical decimal u64 string)."""
+    d = table["draws"]
+    bad = ~_bool(pc.match_substring_regex(d, r"^(0|[1-9][0-9]{0,19})$"))
+    clean = pc.if_else(pa.array(bad), "0", pc.fill_null(d, "0"))
+    try:
+        vals = np.asarray(pc.cast(clean, pa.uint64()).to_numpy(zero_copy_only=False), dtype=np.uint64)
+    except pa.ArrowInvalid:  # > u64 (e.g. 20 digits above 2^64-1)
+        py = [int(x) for x in clean.to_pylist()]
+        over = np.array([x > int(np.iinfo(np.uint64).max) for x in py], dtype=bool)
+        bad |= over
+        vals = np.array([0 if o else x for x, o in zip(py, over.tolist())], dtype=np.uint64)
+    return vals, bad
+
+
+def check_events(table: pa.Table, family: str, spec: Mapping, ids: Any | None = None) -> list[dict]:
+    """Per-event checks of one family's table (as from :func:`read_events`): registered module/label and
+    context, embedded identities, counter delta, budget, non-consuming counters."""
+    out: list[dict] = []
+    if table.num_rows == 0:
+        return out
+    streams = spec.get("streams") or []
+    pairs = pa.array([f"{s['module']}\x00{s['substream_label']}" for s in streams], type=pa.string())
+    combo = pc.binary_join_element_wise(table["module"], table["substream_label"], "\x00")
+    unreg = ~_bool(pc.is_in(combo, value_set=pairs))
+    if unreg.any():
+        out.append(_failure("E_SCHEMA_INVALID", family, "module/substream_label is not a registered stream of "
+                            f"{family}: {streams}", table, unreg))
+    if "context" in table.column_names:
+        for s in streams:
+            if "context" not in s:
+                continue
+            m = _bool(pc.and_(pc.equal(table["module"], s["module"]),
+                              pc.equal(table["substream_label"], s["substream_label"])))
+            badctx = m & ~_bool(pc.equal(table["context"], s["context"]))
+            if badctx.any():
+                out.append(_failure("E_SCHEMA_INVALID", family, f"context must be {s['context']!r} for "
+                                    f"({s['module']}, {s['substream_label']})", table, badctx))
+    if ids is not None:
+        for col, want in (("run_id", ids.run_id), ("parameter_hash", ids.parameter_hash),
+                          ("manifest_fingerprint", ids.manifest_fingerprint)):
+            bad = ~_bool(pc.equal(table[col], want))
+            if bad.any():
+                out.append(_failure("E_PATH_EMBED_MISMATCH", family, f"{col} differs from the run's {want}",
+                                    table, bad))
+        bad = ~_bool(pc.equal(table["seed"], pa.scalar(int(ids.seed), pa.uint64())))
+        if bad.any():
+            out.append(_failure("E_PATH_EMBED_MISMATCH", family, f"seed differs from {ids.seed}", table, bad))
+    bh, bl = _np(table, "rng_counter_before_hi"), _np(table, "rng_counter_before_lo")
+    ah, al = _np(table, "rng_counter_after_hi"), _np(table, "rng_counter_after_lo")
+    blocks = _np(table, "blocks")
+    nulls = np.zeros(table.num_rows, dtype=bool)
+    for c in ("rng_counter_before_hi", "rng_counter_before_lo", "rng_counter_after_hi", "rng_counter_after_lo",
+              "blocks", "draws"):
+        nulls |= _bool(pc.is_null(table[c]))
+    if nulls.any():
+        out.append(_failure("E_SCHEMA_INVALID", family, "envelope counter/blocks/draws missing", table, nulls))
+    draws, bad_draws = parse_draws(table)
+    if bad_draws.any():
+        out.append(_failure("E_RNG_BUDGET_VIOLATION", family, "draws is not a canonical decimal u64 string",
+                            table, bad_draws))
+    mism = ~counter_delta_ok(bh, bl, ah, al, blocks) & ~nulls
+    if mism.any():
+        out.append(_failure("E_RNG_COUNTER_MISMATCH", family, "blocks != u128(after) - u128(before)", table, mism))
+    if spec.get("consuming") is False:
+        moved = ((bh != ah) | (bl != al) | (blocks != 0) | (draws != 0)) & ~nulls & ~bad_draws
+        if moved.any():
+            out.append(_failure("E_NONCONSUMING_CHANGED_COUNTERS", family,
+                                "non-consuming event with moved counters or non-zero blocks/draws", table, moved))
+    bad = _budget_mask(spec, blocks, draws)
+    if bad is not None:
+        bad &= ~nulls & ~bad_draws
+        if spec.get("consuming") is False:
+            bad &= ~((bh != ah) | (bl != al) | (blocks != 0) | (draws != 0))  # already reported above
+        if bad.any():
+            out.append(_failure("E_RNG_BUDGET_VIOLATION", family,
+                                f"blocks/draws differ from the family budget {dict(spec['budget'])}", table, bad))
+    return out
+
+
+def check_chains(table: pa.Table, family: str, spec: Mapping) -> list[dict]:
+    """Within one keyed substream ((module, substream_label) + the family's ``stream_key`` columns), consecutive
+    consuming events (blocks > 0, in file order) must chain: after of one == before of the next."""
+    if table.num_rows < 2:
+        return []
+    keys = [k for k in (spec.get("stream_key") or []) if k in table.column_names]
+    t = table.append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    t = t.filter(pc.greater(pc.fill_null(t["blocks"], 0), pa.scalar(0, pa.uint64())))
+    if t.num_rows < 2:
+        return []
+    order = ["module", "substream_label", *keys, "__row"]
+    t = t.take(pc.sort_indices(t, sort_keys=[(k, "ascending") for k in order]))
+    same = np.ones(t.num_rows - 1, dtype=bool)
+    for k in order[:-1]:
+        col = t[k]
+        a, b = col.slice(0, t.num_rows - 1), col.slice(1)
+        same &= _bool(pc.equal(a, b)) | (_bool(pc.is_null(a)) & _bool(pc.is_null(b)))
+    ah, al = _np(t, "rng_counter_after_hi")[:-1], _np(t, "rng_counter_after_lo")[:-1]
+    bh, bl = _np(t, "rng_counter_before_hi")[1:], _np(t, "rng_counter_before_lo")[1:]
+    broken = same & ((ah != bh) | (al != bl))
+    if not broken.any():
+        return []
+    mask = np.concatenate([[False], broken])
+    return [_failure("E_RNG_COUNTER_MISMATCH", family, "consecutive events of one substream do not chain "
+                     "(before != previous after)", t, mask, stream_key=keys)]
+
+
+def _final_trace_row(sub: pa.Table) -> dict:
+    """Final row of one key: max events_total, then latest ts_utc, then max after counter (00-core 3.7)."""
+    idx = pc.sort_indices(sub, sort_keys=[("events_total", "descending"), ("ts_utc", "descending"),
+                                          ("rng_counter_after_hi", "descending"),
+                                          ("rng_counter_after_lo", "descending")])
+    return sub.take(idx.slice(0, 1)).to_pylist()[0]
+
+
+def reconcile(data_root: str | Path, ids: Any, families: Iterable[str] | None = None, chain: bool = False,
+              config: Mapping | None = None) -> list[dict]:
+    """Events vs trace vs audit for one run (see module docstring). Returns failure dicts (empty = clean)."""
+    d = _dict_for(ids, config)
+    table = d.families()
+    if families is None:
+        wanted = [f for f, s in table.items() if s.get("segment") == ids.segment and not s.get("unused")]
+    else:
+        wanted = list(families)
+        for f in wanted:
+            if f not in table:
+                raise RngError("E_RNG_ENVELOPE", f"unknown RNG event family {f!r}")
+        # a (module, label) key may span several families (S4: poisson_component + ztp_*): read them all
+        keys = {(s["module"], s["substream_label"]) for f in wanted for s in table[f]["streams"]}
+        for f, s in table.items():
+            if f not in wanted and any((x["module"], x["substream_label"]) in keys for x in s["streams"]):
+                wanted.append(f)
+    failures: list[dict] = []
+    if not _audit_matches(read_audit(data_root, ids, config), ids):
+        failures.append(_failure("E_RNG_AUDIT_MISSING", None, "no rng_audit_log row for this run",
+                                 path=str(audit_path(data_root, ids, config))))
+    sums: dict[tuple[str, str], list[int]] = {}
+    key_family: dict[tuple[str, str], str] = {}
+    for fam in wanted:
+        spec = table[fam]
+        ev = read_events(data_root, ids, fam, config=config, with_source=True)
+        failures += check_events(ev, fam, spec, ids)
+        if chain:
+            failures += check_chains(ev, fam, spec)
+        for s in spec["streams"]:
+            key_family.setdefault((s["module"], s["substream_label"]), fam)
+        if ev.num_rows == 0:
+            continue
+        draws, _ = parse_draws(ev)
+        blocks = _np(ev, "blocks")
+        combo = pc.binary_join_element_wise(ev["module"], ev["substream_label"], "\x00")
+        for key_str in pc.unique(pc.drop_null(combo)).to_pylist():
+            m, _, l = key_str.partition("\x00")
+            mask = _bool(pc.equal(combo, key_str))
+            acc = sums.setdefault((m, l), [0, 0, 0])
+            acc[0] += int(mask.sum())
+            acc[1] += exact_sum(blocks[mask])
+            acc[2] += exact_sum(draws[mask])
+            key_family.setdefault((m, l), fam)
+    trace = read_trace(data_root, ids, config)
+    if trace.num_rows:
+        for col, want in (("run_id", ids.run_id),):
+            bad = ~_bool(pc.equal(trace[col], want))
+            if bad.any():
+                failures.append(_failure("E_PATH_EMBED_MISMATCH", None, f"trace {col} differs from {want}",
+                                         trace, bad))
+        bad = ~_bool(pc.equal(trace["seed"], pa.scalar(int(ids.seed), pa.uint64())))
+        if bad.any():
+            failures.append(_failure("E_PATH_EMBED_MISMATCH", None, f"trace seed differs from {ids.seed}", trace, bad))
+    tcombo = (pc.binary_join_element_wise(trace["module"], trace["substream_label"], "\x00")
+              if trace.num_rows else pa.array([], type=pa.string()))
+    registered = {(s["module"], s["substream_label"]) for f in wanted for s in table[f]["streams"]}
+    trace_keys = set()
+    if trace.num_rows:
+        for key_str in pc.unique(pc.drop_null(tcombo)).to_pylist():
+            m, _, l = key_str.partition("\x00")
+            trace_keys.add((m, l))
+    for key in sorted(set(sums) | (trace_keys & registered)):
+        m, l = key
+        fam = key_family.get(key)
+        n_ev, s_bl, s_dr = sums.get(key, [0, 0, 0])
+        if key in trace_keys:
+            sub = trace.filter(pc.equal(tcombo, f"{m}\x00{l}"))
+        else:
+            sub = trace.schema.empty_table()
+        if sub.num_rows != n_ev:
+            failures.append(_failure("E_TRACE_COVERAGE_MISSING", fam,
+                                     f"trace has {sub.num_rows} rows for ({m}, {l}) but the events number {n_ev}",
+                                     module=m, label=l, trace_rows=sub.num_rows, events=n_ev))
+        if sub.num_rows == 0:
+            continue
+        final = _final_trace_row(sub)
+        got = (final["events_total"], final["blocks_total"], final["draws_total"])
+        if got != (n_ev, s_bl, s_dr):
+            failures.append(_failure("E_TRACE_TOTALS_MISMATCH", fam,
+                                     f"final trace totals (events, blocks, draws) {got} != event sums "
+                                     f"{(n_ev, s_bl, s_dr)} for ({m}, {l})", module=m, label=l,
+                                     trace_final=final, event_sums={"events_total": n_ev, "blocks_total": s_bl,
+                                                                    "draws_total": s_dr}))
+    return failures

@@ -1,0 +1,382 @@
+"""1B S7 - ``s7_site_synthesis``: absolute site coordinates and 1:1 coverage of ``outlet_catalogue`` (spec 1B 9).
+
+No RNG. Inputs: the 1B S0 gate receipt (it gates the read of 1A's ``outlet_catalogue``, spec 1B 2),
+``s5_site_tile_assignment`` and ``s6_site_jitter`` (seed / 1B parameter_hash / 1B fingerprint),
+``tile_bounds`` (grid-scoped, decision 13) and ``outlet_catalogue`` (seed / 1A fingerprint).
+
+Algorithm (spec 1B 9, vectorised instead of a streaming merge; every check collects the first offending keys):
+
+0. ``outlet_catalogue`` is read only through the S0 gate (:func:`gated_catalogue`: receipt for these identities,
+   catalogue bytes as verified by S0; ``E301_NO_PASS_FLAG``).
+1. S5 and S6 have the same site keys, each once, with the same ``tile_id`` (``E703_DUP_KEY``, ``E701_ROW_MISSING``
+   - also for a differing tile_id -, ``E702_ROW_EXTRA``); S6's embedded ``manifest_fingerprint`` equals the path
+   token (``E705_PARTITION_OR_IDENTITY``).
+2. Every (legal_country_iso, tile_id) is in ``tile_bounds`` (``E709_TILE_FK_VIOLATION``).
+3. ``lon_deg = normalise(centroid_lon_deg + delta_lon_deg)``, ``lat_deg = centroid_lat_deg + delta_lat_deg``
+   (:func:`synthesise_coordinates`; binary64, stored exactly; S9 recomputes the same expression).
+4. The point lies in its pixel, bounds inclusive with ``EPS_DEG`` = 1e-9 degrees (``E707_POINT_OUTSIDE_PIXEL``).
+5. Coverage parity with 1A: the key sets of S7 and ``outlet_catalogue`` are equal, one-to-one, and every pair's
+   site count equals its ``final_country_outlet_count`` (``E708_1A_COVERAGE_FAIL``).
+
+Output: ``merchant_id, legal_country_iso, site_order, tile_id, lon_deg, lat_deg`` in writer sort (schema
+``contracts/schemas/1B/s7_site_synthesis.schema.json``; a violation is ``E704_SCHEMA_VIOLATION``), published
+write-once (``E913_ATOMIC_PUBLISH_VIOLATION``, decision 21).
+
+The helpers :func:`key_differences`, :func:`duplicate_keys`, :func:`lookup_tile_bounds`,
+:func:`synthesise_coordinates` and :func:`inside_pixel` are shared with S8 and S9.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine.core import dictionary, publish
+from engine.core.errors import EngineError, InputError
+from engine.core.schema import arrow_schema, validate_table
+
+KEY = ("merchant_id", "legal_country_iso", "site_order")
+PAIR = ("merchant_id", "legal_country_iso")
+PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"  # decision 21 (the spec's E712 for S7)
+EPS_DEG = 1e-9  # spec 1B 9 step 4: inclusive pixel bounds with this tolerance
+BOUNDS_COLS = ("min_lon_deg", "max_lon_deg", "min_lat_deg", "max_lat_deg", "centroid_lon_deg", "centroid_lat_deg")
+MAX_ROWS = 10
+
+_KEY_TYPES = {"merchant_id": pa.uint64(), "legal_country_iso": pa.string(), "site_order": pa.int64(),
+              "tile_id": pa.uint64()}
+
+
+# ====================================================================== shared helpers
+def schema_path(ctx, dataset_id: str) -> Path:
+    """The dataset's JSON row schema through the (possibly user-supplied) 1B dictionary."""
+    return dictionary.load("1B", ctx.config).schema_path(dataset_id)
+
+
+def cast_keys(table: pa.Table, columns: Sequence[str] = KEY) -> pa.Table:
+    """Cast key columns to their canonical types (u64 ids never through signed types, decision 12)."""
+    for c in columns:
+        if c in table.column_names and c in _KEY_TYPES and table[c].type != _KEY_TYPES[c]:
+            i = table.column_names.index(c)
+            table = table.set_column(i, c, pc.cast(table[c], _KEY_TYPES[c]))
+    return table
+
+
+def sort_by_key(table: pa.Table, keys: Sequence[str] = KEY) -> pa.Table:
+    if table.num_rows < 2:
+        return table
+    return table.take(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys]))
+
+
+def first_rows(table: pa.Table, columns: Sequence[str] | None = None, n: int = MAX_ROWS) -> list[dict]:
+    """The first ``n`` rows (selected columns) as plain dicts, for error messages and bundle evidence."""
+    t = table.select(list(columns)) if columns else table
+    return t.slice(0, n).to_pylist()
+
+
+def duplicate_keys(table: pa.Table, keys: Sequence[str] = KEY) -> pa.Table:
+    """Keys occurring more than once, with their ``count``, sorted by key."""
+    if table.num_rows == 0:
+        return pa.table({k: table[k] for k in keys}).append_column("count", pa.array([], pa.int64()))
+    g = table.select(list(keys)).group_by(list(keys)).aggregate([([], "count_all")])
+    g = g.rename_columns([*keys, "count"])
+    return sort_by_key(g.filter(pc.greater(g["count"], 1)), keys)
+
+
+def key_differences(left: pa.Table, right: pa.Table, keys: Sequence[str] = KEY) -> tuple[pa.Table, pa.Table]:
+    """(keys of ``left`` absent from ``right``, keys of ``right`` absent from ``left``), distinct, sorted."""
+    lk = left.select(list(keys))
+    rk = right.select(list(keys))
+    if lk.num_rows == 0 or rk.num_rows == 0:
+        missing, extra = (lk if rk.num_rows == 0 else lk.slice(0, 0)), (rk if lk.num_rows == 0 else rk.slice(0, 0))
+    else:
+        missing = lk.join(rk, list(keys), join_type="left anti")
+        extra = rk.join(lk, list(keys), join_type="left anti")
+    dedup = lambda t: t.group_by(list(keys)).aggregate([]) if t.num_rows else t  # noqa: E731
+    return sort_by_key(dedup(missing), keys), sort_by_key(dedup(extra), keys)
+
+
+def _country_groups(iso: pa.Array | pa.ChunkedArray) -> list[tuple[str, np.ndarray]]:
+    """(country, row indices) pairs, countries A-Z."""
+    if isinstance(iso, pa.ChunkedArray):
+        iso = iso.combine_chunks()
+    if len(iso) == 0:
+        return []
+    enc = pc.dictionary_encode(iso)
+    idx = np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    names = enc.dictionary.to_pylist()
+    order = np.argsort(idx, kind="stable")
+    cuts = np.searchsorted(idx[order], np.arange(len(names) + 1))
+    groups = [(names[k], order[cuts[k]:cuts[k + 1]]) for k in range(len(names))]
+    return sorted(groups, key=lambda g: g[0])
+
+
+def lookup_tile_bounds(bounds_dir: str | Path, iso: Any, tile_id: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Pixel rectangle and centroid of each (iso[i], tile_id[i]) from a ``tile_bounds`` partition.
+
+    S1 writes one file per country (``part-<ISO>.parquet``, rows in tile_id order). Per country only the
+    ``tile_id`` column is scanned; the other columns are read only from the row groups that hold a wanted
+    tile. Returns ``(found, {column: float64 array})`` aligned with the input rows (NaN where not found)."""
+    from engine.segment1b import spatial
+
+    iso_arr = iso if isinstance(iso, (pa.Array, pa.ChunkedArray)) else pa.array(iso, pa.string())
+    tiles = np.asarray(tile_id, dtype=np.uint64)
+    n = tiles.shape[0]
+    found = np.zeros(n, dtype=bool)
+    out = {c: np.full(n, np.nan, dtype=np.float64) for c in BOUNDS_COLS}
+    bdir = Path(bounds_dir)
+    for code, rows in _country_groups(iso_arr):
+        if code is None:
+            continue
+        path = bdir / spatial.country_part_name(code)
+        if not path.is_file():
+            continue
+        need, inv = np.unique(tiles[rows], return_inverse=True)
+        got = np.zeros(need.shape[0], dtype=bool)
+        vals = {c: np.full(need.shape[0], np.nan) for c in BOUNDS_COLS}
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            tid = np.asarray(pf.read_row_group(rg, columns=["tile_id"]).column(0).to_numpy(zero_copy_only=False),
+                             dtype=np.uint64)
+            if tid.shape[0] == 0:
+                continue
+            order = None
+            if tid.shape[0] > 1 and not bool(np.all(tid[1:] >= tid[:-1])):
+                order = np.argsort(tid, kind="stable")  # tolerate an unsorted file; S1 writes tile_id order
+                tid = tid[order]
+            pos = np.searchsorted(tid, need)
+            posc = np.minimum(pos, tid.shape[0] - 1)
+            hit = (pos < tid.shape[0]) & (tid[posc] == need) & ~got
+            if not hit.any():
+                continue
+            src = posc[hit] if order is None else order[posc[hit]]
+            t = pf.read_row_group(rg, columns=list(BOUNDS_COLS))
+            for c in BOUNDS_COLS:
+                vals[c][hit] = np.asarray(t[c].to_numpy(zero_copy_only=False), dtype=np.float64)[src]
+            got |= hit
+        found[rows] = got[inv]
+        for c in BOUNDS_COLS:
+            out[c][rows] = vals[c][inv]
+    return found, out
+
+
+def normalise_lon(lon: np.ndarray) -> np.ndarray:
+    """Wrap a longitude that left [-180, 180] by one turn (dateline tiles, spec 1B 8 step 3); S6's function."""
+    from engine.segment1b.s6_jitter import normalise_lon as _normalise
+
+    return _normalise(lon)
+
+
+def synthesise_coordinates(centroid_lon, centroid_lat, delta_lon, delta_lat) -> tuple[np.ndarray, np.ndarray]:
+    """Spec 1B 9 step 3, the one expression S6 tests, S7 stores and S9 recomputes (binary64, no FMA):
+    ``(normalise(centroid_lon + delta_lon), centroid_lat + delta_lat)`` -- S6's :func:`reconstruct` itself."""
+    from engine.segment1b.s6_jitter import reconstruct
+
+    return reconstruct(centroid_lon, centroid_lat, delta_lon, delta_lat)
+
+
+def inside_pixel(lon, lat, bounds: dict[str, np.ndarray], eps: float = EPS_DEG) -> np.ndarray:
+    """Point within its pixel rectangle, bounds inclusive with ``eps``; a longitude also matches one turn
+    away (a stored, normalised longitude of a dateline tile). NaN bounds (unknown tile) give False."""
+    lon = np.asarray(lon, np.float64)
+    lat = np.asarray(lat, np.float64)
+    lo, hi = bounds["min_lon_deg"] - eps, bounds["max_lon_deg"] + eps
+    in_lon = ((lon >= lo) & (lon <= hi)) | ((lon + 360.0 >= lo) & (lon + 360.0 <= hi)) | (
+        (lon - 360.0 >= lo) & (lon - 360.0 <= hi))
+    in_lat = (lat >= bounds["min_lat_deg"] - eps) & (lat <= bounds["max_lat_deg"] + eps)
+    return in_lon & in_lat
+
+
+def keys_where(table: pa.Table, mask: np.ndarray, columns: Sequence[str] = KEY) -> list[dict]:
+    idx = np.flatnonzero(mask)[:MAX_ROWS]
+    return table.select([c for c in columns if c in table.column_names]).take(
+        pa.array(idx, pa.int64())).to_pylist()
+
+
+def to_bool(arr: Any) -> np.ndarray:
+    return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+# ====================================================================== inputs
+def gated_catalogue(ctx, columns: Sequence[str]) -> pa.Table:
+    """``outlet_catalogue`` behind the 1B S0 gate (spec 1B 2 "Downstream gate check"): the receipt must exist for
+    exactly this run's 1B and 1A identities (``E301_NO_PASS_FLAG``), and the catalogue bytes must be those S0
+    verified, with the 1A tokens embedded (:func:`engine.segment1b.s0_gate.read_catalogue`)."""
+    from engine.segment1b import s0_gate
+
+    receipt = s0_gate.require_receipt(ctx)
+    return s0_gate.read_catalogue(ctx, list(columns), receipt)
+
+
+def read_partition(path: Path, columns: Sequence[str], code: str, what: str) -> pa.Table:
+    """Selected columns of a Parquet partition with canonical key types; a missing partition or column is
+    ``code``."""
+    try:
+        t = publish.read_parquet_dir(path)
+    except EngineError as exc:
+        if exc.code != "E_PARTITION_MISSING":
+            raise
+        raise InputError(code, f"{what} partition not found (did its state run?)", path=path) from None
+    missing = [c for c in columns if c not in t.column_names]
+    if missing:
+        raise InputError(code, f"{what} lacks columns {missing}", path=path, detail={"columns": t.column_names})
+    try:
+        return cast_keys(t.select(list(columns)))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise InputError(code, f"{what}: key columns of the wrong type ({exc})", path=path) from None
+
+
+# ====================================================================== compute
+def synthesise(s5: pa.Table, s6: pa.Table, catalogue: pa.Table, bounds_dir: str | Path,
+               manifest_fingerprint: str | None = None) -> tuple[pa.Table, dict]:
+    """Pure S7 (module docstring): returns the sorted ``s7_site_synthesis`` table and the run summary.
+    Raises ``InputError`` with the spec's code on the first failing check (all offending keys counted)."""
+    s5 = sort_by_key(cast_keys(s5.select([*KEY, "tile_id"]), [*KEY, "tile_id"]))
+    s6cols = [*KEY, "tile_id", "delta_lat_deg", "delta_lon_deg"]
+    if manifest_fingerprint is not None and "manifest_fingerprint" in s6.column_names:
+        bad = ~to_bool(pc.equal(s6["manifest_fingerprint"], manifest_fingerprint))
+        if bad.any():
+            raise InputError("E705_PARTITION_OR_IDENTITY", "s6_site_jitter rows embed another manifest_fingerprint "
+                             "than their partition", rows=keys_where(s6, bad, [*KEY, "manifest_fingerprint"]),
+                             detail={"count": int(bad.sum()), "expected": manifest_fingerprint})
+    s6 = sort_by_key(cast_keys(s6.select(s6cols), [*KEY, "tile_id"]))
+
+    # 1. S5 <-> S6: one row each per site, same tile
+    for name, t in (("s5_site_tile_assignment", s5), ("s6_site_jitter", s6)):
+        d = duplicate_keys(t)
+        if d.num_rows:
+            raise InputError("E703_DUP_KEY", f"{name} has duplicate site keys", rows=first_rows(d),
+                             detail={"count": d.num_rows})
+    missing, extra = key_differences(s5, s6)
+    if missing.num_rows:
+        raise InputError("E701_ROW_MISSING", "sites of s5_site_tile_assignment without an s6_site_jitter row",
+                         rows=first_rows(missing), detail={"count": missing.num_rows})
+    if extra.num_rows:
+        raise InputError("E702_ROW_EXTRA", "s6_site_jitter rows for sites absent from s5_site_tile_assignment",
+                         rows=first_rows(extra), detail={"count": extra.num_rows})
+    t5 = np.asarray(s5["tile_id"].to_numpy(zero_copy_only=False), np.uint64)
+    t6 = np.asarray(s6["tile_id"].to_numpy(zero_copy_only=False), np.uint64)
+    diff = t5 != t6  # same sorted key sets -> rows aligned
+    if diff.any():
+        raise InputError("E701_ROW_MISSING", "no s6_site_jitter row with the site's S5 tile_id (tile differs)",
+                         rows=keys_where(s5.append_column("s6_tile_id", pa.array(t6)), diff, [*KEY, "tile_id",
+                                                                                            "s6_tile_id"]),
+                         detail={"count": int(diff.sum())})
+
+    # 2. tile foreign key
+    found, b = lookup_tile_bounds(bounds_dir, s5["legal_country_iso"], t5)
+    if not found.all():
+        raise InputError("E709_TILE_FK_VIOLATION", "(legal_country_iso, tile_id) not in tile_bounds",
+                         rows=keys_where(s5, ~found, [*KEY, "tile_id"]), path=bounds_dir,
+                         detail={"count": int((~found).sum())})
+
+    # 3. coordinates
+    dlon = np.asarray(s6["delta_lon_deg"].to_numpy(zero_copy_only=False), np.float64)
+    dlat = np.asarray(s6["delta_lat_deg"].to_numpy(zero_copy_only=False), np.float64)
+    lon, lat = synthesise_coordinates(b["centroid_lon_deg"], b["centroid_lat_deg"], dlon, dlat)
+
+    # 4. inside the pixel
+    inside = inside_pixel(lon, lat, b)
+    if not inside.all():
+        t = s5.append_column("lon_deg", pa.array(lon)).append_column("lat_deg", pa.array(lat))
+        raise InputError("E707_POINT_OUTSIDE_PIXEL", f"site outside its pixel (inclusive bounds, eps {EPS_DEG} deg)",
+                         rows=keys_where(t, ~inside, [*KEY, "tile_id", "lon_deg", "lat_deg"]),
+                         detail={"count": int((~inside).sum())})
+
+    out = pa.table({
+        "merchant_id": s5["merchant_id"],
+        "legal_country_iso": s5["legal_country_iso"],
+        "site_order": s5["site_order"],
+        "tile_id": pa.array(t5, pa.uint64()),
+        "lon_deg": pa.array(lon, pa.float64()),
+        "lat_deg": pa.array(lat, pa.float64()),
+    })
+
+    # 5. coverage parity with 1A
+    cat = cast_keys(catalogue.select([*KEY, "final_country_outlet_count"]))
+    d = duplicate_keys(cat)
+    if d.num_rows:
+        raise InputError("E708_1A_COVERAGE_FAIL", "outlet_catalogue has duplicate site keys", rows=first_rows(d),
+                         detail={"count": d.num_rows})
+    missing, extra = key_differences(cat, out)
+    if missing.num_rows or extra.num_rows:
+        raise InputError("E708_1A_COVERAGE_FAIL", "site keys of s7_site_synthesis and outlet_catalogue differ: "
+                         f"{missing.num_rows} outlets without a site, {extra.num_rows} sites without an outlet",
+                         rows=[{"missing_site": r} for r in first_rows(missing)]
+                         + [{"site_without_outlet": r} for r in first_rows(extra)],
+                         detail={"outlets_without_site": missing.num_rows, "sites_without_outlet": extra.num_rows})
+    per_pair = out.group_by(list(PAIR)).aggregate([([], "count_all")]).rename_columns([*PAIR, "sites"])
+    fcc = cat.group_by(list(PAIR)).aggregate([("final_country_outlet_count", "min"),
+                                              ("final_country_outlet_count", "max")])
+    j = sort_by_key(per_pair.join(fcc, list(PAIR)), PAIR)
+    sites = np.asarray(j["sites"].to_numpy(zero_copy_only=False), np.int64)
+    fmin = np.asarray(pc.cast(j["final_country_outlet_count_min"], pa.int64()).to_numpy(zero_copy_only=False))
+    fmax = np.asarray(pc.cast(j["final_country_outlet_count_max"], pa.int64()).to_numpy(zero_copy_only=False))
+    bad = (fmin != fmax) | (fmin != sites)
+    if bad.any():
+        raise InputError("E708_1A_COVERAGE_FAIL", "per (merchant, country) site count differs from "
+                         "outlet_catalogue.final_country_outlet_count",
+                         rows=keys_where(j, bad, [*PAIR, "sites", "final_country_outlet_count_min",
+                                                  "final_country_outlet_count_max"]),
+                         detail={"count": int(bad.sum())})
+
+    by_country: dict[str, dict] = {}
+    for code, rows in _country_groups(out["legal_country_iso"]):
+        by_country[code] = {"sites": int(rows.shape[0]), "pairs": None}
+    pc_counts = per_pair.group_by(["legal_country_iso"]).aggregate([([], "count_all")])
+    for code, cnt in zip(pc_counts["legal_country_iso"].to_pylist(), pc_counts["count_all"].to_pylist()):
+        by_country[code]["pairs"] = int(cnt)
+    summary = {
+        "sizes": {"sites_total_s5": s5.num_rows, "sites_total_s6": s6.num_rows, "sites_total_s7": out.num_rows,
+                  "parity_s5_s6_ok": True, "parity_s5_s7_ok": True},
+        "validation_counters": {"fk_tile_ok_count": int(found.sum()), "fk_tile_fail_count": 0,
+                                "inside_pixel_ok_count": int(inside.sum()), "inside_pixel_fail_count": 0,
+                                "path_embed_mismatches": 0, "coverage_1a_ok_count": cat.num_rows,
+                                "coverage_1a_miss_count": 0},
+        "by_country": dict(sorted(by_country.items())),
+    }
+    return out, summary
+
+
+# ====================================================================== state entry points
+def run_with_report(ctx) -> dict:
+    """S7 for a RunContext: gate, load, synthesise, validate against the schema, publish; returns the summary."""
+    if ctx.ids_1a is None:
+        raise InputError("E705_PARTITION_OR_IDENTITY", "1B S7 needs the 1A identities (ctx.ids_1a)")
+    cat = cast_keys(gated_catalogue(ctx, [*KEY, "final_country_outlet_count"]))  # the gate comes first
+    s5 = read_partition(ctx.path("s5_site_tile_assignment"), [*KEY, "tile_id"], "E701_ROW_MISSING",
+                        "s5_site_tile_assignment")
+    s6_path = ctx.path("s6_site_jitter")
+    s6 = publish.read_parquet_dir(s6_path) if Path(s6_path).is_dir() else None
+    if s6 is None:
+        raise InputError("E701_ROW_MISSING", "s6_site_jitter partition not found (did S6 run?)", path=s6_path)
+    want6 = [*KEY, "tile_id", "delta_lat_deg", "delta_lon_deg"]
+    if any(c not in s6.column_names for c in want6):
+        raise InputError("E704_SCHEMA_VIOLATION", "s6_site_jitter lacks columns",
+                         path=s6_path, rows=[c for c in want6 if c not in s6.column_names])
+    out, summary = synthesise(s5, s6, cat, ctx.path("tile_bounds"), ctx.ids.manifest_fingerprint)
+
+    spath = schema_path(ctx, "s7_site_synthesis")
+    problems = validate_table(out, spath)
+    if problems:
+        raise EngineError("E704_SCHEMA_VIOLATION", "s7_site_synthesis does not match its schema", rows=problems)
+    final = ctx.path("s7_site_synthesis")
+    with publish.staged(final, PUBLISH_CODE) as tmp:
+        publish.write_parquet(out, Path(tmp) / "part-00000.parquet", sort_by=list(KEY), schema=arrow_schema(spath))
+    summary = {"identity": {"seed": int(ctx.ids.seed), "parameter_hash": ctx.ids.parameter_hash,
+                            "manifest_fingerprint": ctx.ids.manifest_fingerprint, "run_id": ctx.ids.run_id},
+               **summary}
+    return summary
+
+
+def run(ctx) -> None:
+    summary = run_with_report(ctx)
+    # run summary = non-authoritative evidence (spec 1B 0.2): the job log, never a dataset partition
+    print("s7_run_summary " + json.dumps({k: summary[k] for k in ("identity", "sizes", "validation_counters")},
+                                         sort_keys=True), file=sys.stderr)

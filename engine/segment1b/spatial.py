@@ -1,0 +1,529 @@
+"""Spatial inputs of segment 1B: the country polygons and the raster grid (1B spec §3, §4).
+
+Two reference surfaces feed 1B S1/S2 (and S6 for the point-in-country test):
+
+* ``world_countries``: ISO alpha-2 keyed (multi)polygons in a geographic CRS. The embedded default is a
+  GeoPackage (``reference/spatial/world_countries/world_countries.gpkg``); any file fiona can read
+  (GeoPackage, shapefile, GeoJSON, ``zip://...``) or a GeoParquet file (WKB geometry column) can replace it.
+  The ISO column is the first present of :data:`ISO_COLUMNS`.
+* ``population_raster``: any GeoTIFF (or other GDAL raster) on a regular, north-up, geographic lat/lon grid.
+  Its grid defines the tiles (S1); its values are the ``population`` mass basis (S2).
+
+Inside-country predicate (decision 24, used by S1's rasterizer and offered to S6/S9 through
+:meth:`CountryShape.contains_points`): a point is inside a country iff, for some polygon part, it lies in
+the *closed* shell (boundary counts inside) and in no *closed* hole (a hole's boundary counts outside).
+
+Antimeridian: a ring with an edge that jumps more than 180 degrees of longitude is written "wrapped"; such
+a part is unwrapped (negative longitudes + 360), cut at 180 and its eastern piece shifted back by -360
+(spec §3). Parts already cut at +-180 (Natural Earth) or spanning the whole width without a jump
+(Antarctica) are used as they are; a part with longitudes beyond +-180 is cut and shifted likewise.
+(The spec's literal "extent > 180 degrees" test would wrongly unwrap Antarctica, hence the edge-jump test.)
+
+Errors (spec §3): ``E001_GEO_INVALID`` (invalid/empty/non-polygon geometry), ``E005_ISO_FK`` (a country code
+that is not an ISO alpha-2 code, or not in the ISO table), ``E007_CRS_MISMATCH`` (not geographic),
+``E002_RASTER_MISMATCH`` (not north-up / unreadable grid), ``E004_BOUNDS`` (grid outside lon/lat range),
+``E_REFERENCE_SURFACE_MISSING`` (file absent or unreadable).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, box
+
+from engine.core.errors import InputError
+
+# WGS84 (spec §3 pixel_area_m2)
+WGS84_A = 6378137.0
+WGS84_F = 1.0 / 298.257223563
+WGS84_E2 = WGS84_F * (2.0 - WGS84_F)
+WGS84_E = math.sqrt(WGS84_E2)
+WGS84_B = WGS84_A * (1.0 - WGS84_F)
+
+ISO_COLUMNS = ("country_iso", "ISO_A2_EH", "ISO_A2", "iso_a2", "iso")
+_ISO_RE = re.compile(r"^[A-Z]{2}$")
+_GEOPARQUET_SUFFIXES = (".parquet", ".geoparquet", ".pq")
+
+
+# --------------------------------------------------------------------------------------------------
+# Raster grid
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A regular north-up lat/lon grid (spec §3 grid law).
+
+    ``transform`` is the affine ``(a, b, c, d, e, f)`` in rasterio order: ``lon = c + col*a``,
+    ``lat = f + row*e`` (``b = d = 0``, ``a > 0``, ``e < 0``). Rows run top to bottom, columns left to right,
+    ``tile_id = row * width + col``.
+    """
+
+    width: int
+    height: int
+    transform: tuple[float, float, float, float, float, float]
+    crs_wkt: str = ""
+    nodata: float | None = None
+
+    @property
+    def a(self) -> float:
+        return float(self.transform[0])
+
+    @property
+    def e(self) -> float:
+        return float(self.transform[4])
+
+    @property
+    def c0(self) -> float:
+        return float(self.transform[2])
+
+    @property
+    def f0(self) -> float:
+        return float(self.transform[5])
+
+    # Edges/centres: the spec's formulas, evaluated once per column / row and gathered per tile.
+    def lon_left(self) -> np.ndarray:
+        return self.c0 + np.arange(self.width, dtype=np.float64) * self.a
+
+    def lon_right(self) -> np.ndarray:
+        return self.lon_left() + self.a
+
+    def lat_top(self) -> np.ndarray:
+        return self.f0 + np.arange(self.height, dtype=np.float64) * self.e
+
+    def lat_bottom(self) -> np.ndarray:
+        return self.lat_top() + self.e
+
+    def lon_centres(self) -> np.ndarray:
+        """Cell-centre longitudes (midpoint of the edges, spec §3); also the S1 inclusion test points."""
+        return (self.lon_left() + self.lon_right()) * 0.5
+
+    def lat_centres(self) -> np.ndarray:
+        return (self.lat_top() + self.lat_bottom()) * 0.5
+
+    def row_areas_m2(self) -> np.ndarray:
+        """Ellipsoidal (WGS84) area of one cell of each row, m^2 (spec §3 closed form).
+
+        ``A(r) = b^2 * dlon * [g(phi_top) - g(phi_bot)]``, ``g(phi) = sin(phi)/(2(1-e^2 sin^2 phi)) +
+        atanh(e sin(phi))/(2e)``: the exact area of an ellipsoidal zone between two parallels times
+        ``dlon / 2pi`` (equivalently ``a^2 dlon/2 [q(phi_top) - q(phi_bot)]`` with the authalic ``q``).
+        Latitudes are clamped to +-90 so an edge a hair beyond the pole does not produce NaN.
+        """
+        top = np.clip(self.lat_top(), -90.0, 90.0)
+        bot = np.clip(self.lat_bottom(), -90.0, 90.0)
+        return zone_cell_area_m2(top, bot, abs(self.a))
+
+    def validate(self, path: str | Path | None = None) -> None:
+        """Grid-law checks (spec §3): north-up, positive sizes, centres within lon/lat range."""
+        a, b, c, d, e, f = self.transform
+        if b != 0 or d != 0 or not (a > 0) or not (e < 0):
+            raise InputError(
+                "E002_RASTER_MISMATCH",
+                "raster is not a north-up lat/lon grid (need b = d = 0, a > 0, e < 0)",
+                path=path,
+                detail={"transform": [a, b, c, d, e, f]},
+            )
+        if self.width <= 0 or self.height <= 0:
+            raise InputError("E002_RASTER_MISMATCH", "raster has no cells", path=path)
+        lon = self.lon_centres()
+        lat = self.lat_centres()
+        bad = []
+        if lon[0] < -180.0 or lon[-1] > 180.0:
+            bad.append(f"cell-centre longitudes span [{lon[0]!r}, {lon[-1]!r}], outside [-180, 180]")
+        if lat[-1] < -90.0 or lat[0] > 90.0:
+            bad.append(f"cell-centre latitudes span [{lat[-1]!r}, {lat[0]!r}], outside [-90, 90]")
+        # edges may overshoot by less than one cell (e.g. WorldPop's -180.00125 origin), never more
+        if self.lon_left()[0] < -180.0 - a or self.lon_right()[-1] > 180.0 + a:
+            bad.append("cell edges extend more than one cell beyond +-180 degrees longitude")
+        if self.lat_top()[0] > 90.0 - e or self.lat_bottom()[-1] < -90.0 + e:
+            bad.append("cell edges extend more than one cell beyond +-90 degrees latitude")
+        if bad:
+            raise InputError(
+                "E004_BOUNDS",
+                "raster grid lies outside the geographic lon/lat range (a 0..360 grid is not supported: "
+                "re-grid it to -180..180)",
+                path=path,
+                rows=bad,
+            )
+        areas = self.row_areas_m2()
+        if not np.all(areas > 0):
+            r = int(np.flatnonzero(~(areas > 0))[0])
+            raise InputError("E006_AREA_NONPOS", "non-positive cell area", path=path, rows=[f"row {r}"])
+
+    def definition(self) -> dict:
+        """What ``grid_hash`` covers of the raster (decision 13): dimensions, transform, CRS - not values."""
+        return {
+            "width": int(self.width),
+            "height": int(self.height),
+            "transform": [float(v) for v in self.transform],
+            "crs_wkt": self.crs_wkt,
+        }
+
+
+def zone_cell_area_m2(lat_top_deg, lat_bot_deg, dlon_deg: float) -> np.ndarray:
+    """WGS84 area (m^2) of lat/lon cells ``dlon_deg`` wide between the given parallels (vectorised)."""
+    e = WGS84_E
+    e2 = WGS84_E2
+
+    def g(phi_deg):
+        s = np.sin(np.radians(np.asarray(phi_deg, dtype=np.float64)))
+        return s / (2.0 * (1.0 - e2 * s * s)) + np.arctanh(e * s) / (2.0 * e)
+
+    return np.abs(WGS84_B * WGS84_B * math.radians(dlon_deg) * (g(lat_top_deg) - g(lat_bot_deg)))
+
+
+def _is_geographic(crs_like) -> bool:
+    try:
+        from pyproj import CRS
+
+        return bool(CRS.from_user_input(crs_like).is_geographic)
+    except Exception:  # noqa: BLE001 - an unparsable CRS is treated as "not geographic"
+        return False
+
+
+def read_grid(path: str | Path) -> Grid:
+    """Grid definition of a raster (no pixel values read); validated (E002/E004/E006/E007)."""
+    import rasterio
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError("E_REFERENCE_SURFACE_MISSING", "population raster not found", path=p)
+    try:
+        with rasterio.open(p) as ds:
+            t = ds.transform
+            crs = ds.crs
+            grid = Grid(
+                width=int(ds.width),
+                height=int(ds.height),
+                transform=(float(t.a), float(t.b), float(t.c), float(t.d), float(t.e), float(t.f)),
+                crs_wkt=crs.to_wkt() if crs is not None else "",
+                nodata=None if ds.nodata is None else float(ds.nodata),
+            )
+            count = ds.count
+    except InputError:
+        raise
+    except Exception as ex:  # noqa: BLE001 - rasterio raises many types
+        raise InputError("E002_RASTER_MISMATCH", f"cannot read raster: {ex}", path=p) from ex
+    if count < 1:
+        raise InputError("E002_RASTER_MISMATCH", "raster has no band", path=p)
+    if not grid.crs_wkt or not _is_geographic(grid.crs_wkt):
+        raise InputError(
+            "E007_CRS_MISMATCH",
+            "raster CRS is missing or not geographic (a lat/lon grid such as EPSG:4326 is required)",
+            path=p,
+            detail={"crs": grid.crs_wkt[:200]},
+        )
+    grid.validate(p)
+    return grid
+
+
+class RasterWindows:
+    """Window reads of band 1 (``with RasterWindows(path) as rw: rw.read(r0, r1, c0, c1)``).
+
+    Returns float64 values exactly as stored plus the NODATA value (``rw.nodata``); the caller decides
+    what NODATA means (S2: mass 0).
+    """
+
+    def __init__(self, path: str | Path):
+        import rasterio
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError("E_REFERENCE_SURFACE_MISSING", "population raster not found", path=self.path)
+        self._ds = rasterio.open(self.path)
+        self.nodata = None if self._ds.nodata is None else float(self._ds.nodata)
+        self.width = int(self._ds.width)
+        self.height = int(self._ds.height)
+
+    def read(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
+        from rasterio.windows import Window
+
+        if not (0 <= row0 <= row1 <= self.height and 0 <= col0 <= col1 <= self.width):
+            raise InputError(
+                "E002_RASTER_MISMATCH",
+                "window outside the raster",
+                path=self.path,
+                detail={"rows": [row0, row1], "cols": [col0, col1], "shape": [self.height, self.width]},
+            )
+        arr = self._ds.read(1, window=Window(col0, row0, col1 - col0, row1 - row0))
+        return arr.astype(np.float64, copy=False)
+
+    def close(self) -> None:
+        self._ds.close()
+
+    def __enter__(self) -> "RasterWindows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Country polygons
+# --------------------------------------------------------------------------------------------------
+
+
+def _polygon_parts(geom) -> list[Polygon]:
+    if isinstance(geom, Polygon):
+        return [geom] if not geom.is_empty else []
+    if isinstance(geom, MultiPolygon):
+        return [g for g in geom.geoms if not g.is_empty]
+    if geom.geom_type == "GeometryCollection":
+        out: list[Polygon] = []
+        for g in geom.geoms:
+            out.extend(_polygon_parts(g) if g.geom_type in ("Polygon", "MultiPolygon", "GeometryCollection") else [])
+        return out
+    return []
+
+
+def _ring_is_wrapped(coords: np.ndarray) -> bool:
+    return coords.shape[0] > 1 and bool(np.any(np.abs(np.diff(coords[:, 0])) > 180.0))
+
+
+def _shift(geom, dx: float):
+    return shapely.transform(geom, lambda c: c + np.array([dx, 0.0]))
+
+
+def normalise_part(part: Polygon) -> list[Polygon]:
+    """Antimeridian handling of one polygon part (module docstring): pieces within [-180, 180]."""
+    rings = [np.asarray(part.exterior.coords)] + [np.asarray(r.coords) for r in part.interiors]
+    geom = part
+    if any(_ring_is_wrapped(r) for r in rings):
+        # unwrap: negative longitudes + 360 puts the part on a continuous 0..360 longitude axis
+        geom = shapely.transform(part, lambda c: np.column_stack([np.where(c[:, 0] < 0, c[:, 0] + 360.0, c[:, 0]), c[:, 1]]))
+        geom = shapely.make_valid(geom) if not geom.is_valid else geom
+    minx, _, maxx, _ = geom.bounds
+    if minx >= -180.0 and maxx <= 180.0:
+        return _polygon_parts(geom)
+    pieces: list[Polygon] = []
+    for lo, hi, dx in ((-540.0, -180.0, 360.0), (-180.0, 180.0, 0.0), (180.0, 540.0, -360.0)):
+        if maxx <= lo or minx >= hi:
+            continue
+        piece = geom.intersection(box(lo, -90.0, hi, 90.0))
+        if dx:
+            piece = _shift(piece, dx)
+        pieces.extend(p for p in _polygon_parts(piece) if p.area > 0)
+    return pieces
+
+
+class CountryShape:
+    """One country's polygon parts (after antimeridian normalisation) and the decision-24 predicate."""
+
+    def __init__(self, iso: str, geometry):
+        self.iso = iso
+        self.geometry = geometry
+        parts: list[Polygon] = []
+        for p in _polygon_parts(geometry):
+            parts.extend(normalise_part(p))
+        self.parts: list[Polygon] = parts
+        self._prepared = None
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        b = np.array([p.bounds for p in self.parts], dtype=np.float64)
+        return (float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max()))
+
+    def _prep(self):
+        if self._prepared is None:
+            prepared = []
+            for p in self.parts:
+                shell = Polygon(p.exterior.coords)
+                holes = [Polygon(r.coords) for r in p.interiors]
+                hole_geom = shapely.union_all(holes) if holes else None
+                shapely.prepare(shell)
+                if hole_geom is not None:
+                    shapely.prepare(hole_geom)
+                prepared.append((p.bounds, shell, hole_geom))
+            self._prepared = prepared
+        return self._prepared
+
+    def contains_points(self, lon, lat) -> np.ndarray:
+        """Decision-24 predicate, vectorised: closed shell minus closed holes, OR over parts.
+
+        Longitudes are compared as given (callers normalise into [-180, 180] first, as S1 does).
+        """
+        x = np.asarray(lon, dtype=np.float64)
+        y = np.asarray(lat, dtype=np.float64)
+        out = np.zeros(x.shape, dtype=bool)
+        for (minx, miny, maxx, maxy), shell, holes in self._prep():
+            cand = (x >= minx) & (x <= maxx) & (y >= miny) & (y <= maxy) & ~out
+            if not cand.any():
+                continue
+            xi, yi = x[cand], y[cand]
+            inside = shapely.intersects_xy(shell, xi, yi)  # closed shell: boundary counts inside
+            if holes is not None and inside.any():
+                inside &= ~shapely.intersects_xy(holes, xi, yi)  # closed hole: its boundary is outside
+            out[cand] = inside
+        return out
+
+
+def _read_geoparquet(p: Path, iso_column: str | None):
+    import json
+
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(p)
+    meta = pf.schema_arrow.metadata or {}
+    geo = json.loads(meta[b"geo"]) if b"geo" in meta else {}
+    geom_col = geo.get("primary_column")
+    names = pf.schema_arrow.names
+    if geom_col is None:
+        geom_col = next((c for c in ("geometry", "geom", "wkb_geometry") if c in names), None)
+    crs = None
+    if geo:
+        crs = (geo.get("columns", {}).get(geom_col, {}) or {}).get("crs")
+    iso_col = iso_column or next((c for c in ISO_COLUMNS if c in names), None)
+    if geom_col is None or iso_col is None:
+        raise InputError(
+            "E001_GEO_INVALID",
+            f"polygon file needs a geometry column and one of {list(ISO_COLUMNS)}",
+            path=p,
+            detail={"columns": names},
+        )
+    t = pf.read(columns=[iso_col, geom_col])
+    isos = [None if v is None else str(v) for v in t.column(iso_col).to_pylist()]
+    wkb = t.column(geom_col).to_pylist()
+    geoms = shapely.from_wkb(np.array(wkb, dtype=object), on_invalid="ignore")
+    if crs is not None and not _is_geographic(json.dumps(crs) if isinstance(crs, dict) else crs):
+        raise InputError("E007_CRS_MISMATCH", "polygon CRS is not geographic", path=p)
+    return isos, list(geoms)
+
+
+def _read_fiona(p: str, iso_column: str | None):
+    import fiona
+    from shapely.geometry import shape
+
+    with fiona.open(p) as src:
+        names = list(src.schema["properties"].keys())
+        iso_col = iso_column or next((c for c in ISO_COLUMNS if c in names), None)
+        if iso_col is None:
+            raise InputError(
+                "E001_GEO_INVALID",
+                f"polygon file needs one of the columns {list(ISO_COLUMNS)}",
+                path=p,
+                detail={"columns": names},
+            )
+        if src.crs and not _is_geographic(src.crs.to_wkt()):
+            raise InputError("E007_CRS_MISMATCH", "polygon CRS is not geographic", path=p)
+        isos, geoms = [], []
+        for feat in src:
+            v = feat["properties"].get(iso_col)
+            isos.append(None if v is None else str(v))
+            g = feat["geometry"]
+            geoms.append(None if g is None else shape(g))
+    return isos, geoms
+
+
+def read_polygon_features(path: str | Path, iso_column: str | None = None):
+    """Raw features: ``(iso_codes, geometries)`` in file order (no validation)."""
+    sp = str(path)
+    local = Path(sp[len("zip://"):] if sp.startswith("zip://") else sp)
+    if not local.exists():
+        raise InputError("E_REFERENCE_SURFACE_MISSING", "world_countries polygon file not found", path=path)
+    try:
+        if local.suffix.lower() in _GEOPARQUET_SUFFIXES:
+            return _read_geoparquet(local, iso_column)
+        return _read_fiona(sp, iso_column)
+    except InputError:
+        raise
+    except Exception as ex:  # noqa: BLE001 - fiona/pyarrow raise many types
+        raise InputError("E001_GEO_INVALID", f"cannot read polygon file: {ex}", path=path) from ex
+
+
+def load_world_countries(
+    path: str | Path, iso_set: Iterable[str] | None = None, iso_column: str | None = None
+) -> dict[str, CountryShape]:
+    """Country polygons keyed by ISO alpha-2 (A-Z), validated (spec §3 eligibility).
+
+    * every code must match ``^[A-Z]{2}$`` (case-folded) and, when ``iso_set`` is given, be in it
+      (``E005_ISO_FK``, listing the offending codes);
+    * every geometry must be a non-empty, valid Polygon/MultiPolygon (``E001_GEO_INVALID``);
+    * several features of one country form a union (spec §3).
+    """
+    isos, geoms = read_polygon_features(path, iso_column)
+    bad_iso = sorted({repr(v) for v in isos if v is None or not _ISO_RE.match(v.strip().upper())})
+    if bad_iso:
+        raise InputError(
+            "E005_ISO_FK",
+            "polygon features without a valid ISO alpha-2 code (fix or remove them)",
+            path=path,
+            rows=bad_iso,
+        )
+    codes = [v.strip().upper() for v in isos]
+    if iso_set is not None:
+        allowed = set(iso_set)
+        missing = sorted(set(codes) - allowed)
+        if missing:
+            raise InputError(
+                "E005_ISO_FK", "polygon countries not in the ISO table", path=path, rows=missing,
+                detail={"count": len(missing)},
+            )
+    bad_geom = []
+    for i, (c, g) in enumerate(zip(codes, geoms)):
+        if g is None or g.is_empty or g.geom_type not in ("Polygon", "MultiPolygon"):
+            bad_geom.append(f"feature {i} ({c}): {'missing' if g is None else g.geom_type + (' empty' if g.is_empty else '')}")
+        elif not g.is_valid:
+            bad_geom.append(f"feature {i} ({c}): {shapely.is_valid_reason(g)}")
+    if bad_geom:
+        raise InputError(
+            "E001_GEO_INVALID",
+            "invalid or empty country geometries (repair them, e.g. with shapely.make_valid)",
+            path=path,
+            rows=bad_geom,
+            detail={"count": len(bad_geom)},
+        )
+    by_iso: dict[str, list] = {}
+    for c, g in zip(codes, geoms):
+        by_iso.setdefault(c, []).append(g)
+    out: dict[str, CountryShape] = {}
+    for c in sorted(by_iso):
+        gs = by_iso[c]
+        g = gs[0] if len(gs) == 1 else shapely.union_all(gs)
+        out[c] = CountryShape(c, g)
+    return out
+
+
+def polygon_isos(path: str | Path, iso_column: str | None = None) -> list[str]:
+    """ISO codes present in a polygon file (A-Z, unique), for ingress checks such as decision 11."""
+    isos, _ = read_polygon_features(path, iso_column)
+    return sorted({v.strip().upper() for v in isos if v is not None})
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading one country of a per-country partition (tile_index / tile_bounds / tile_weights)
+# --------------------------------------------------------------------------------------------------
+
+
+def country_part_name(iso: str) -> str:
+    """File name of one country inside the S1/S2 partitions: ASCII order of names = writer sort."""
+    return f"part-{iso}.parquet"
+
+
+def read_country(partition_dir: str | Path, iso: str, columns: list[str] | None = None):
+    """One country's rows of a ``tile_index`` / ``tile_bounds`` / ``tile_weights`` partition (tile_id order).
+
+    Returns ``None`` when the country has no file (no tiles).
+    """
+    import pyarrow.parquet as pq
+
+    p = Path(partition_dir) / country_part_name(iso)
+    if not p.exists():
+        return None
+    return pq.read_table(p, columns=columns)
+
+
+def partition_countries(partition_dir: str | Path) -> list[str]:
+    """Countries present in a per-country partition, A-Z."""
+    d = Path(partition_dir)
+    out = []
+    for f in sorted(d.glob("part-*.parquet")):
+        code = f.name[len("part-"):-len(".parquet")]
+        if _ISO_RE.match(code):
+            out.append(code)
+    return out

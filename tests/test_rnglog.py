@@ -1,0 +1,421 @@
+"""RNG logs: envelope writing, u64/float exactness, trace accounting, reconciliation (00-core 3.6, 3.7)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engine.core import rnglog as R
+from engine.core.context import SegmentIds
+from engine.core.errors import RngError
+
+U64MAX = 2 ** 64 - 1
+IDS = SegmentIds("1A", U64MAX, "a" * 64, "b" * 64, "c" * 32)
+IDS_1B = SegmentIds("1B", U64MAX, "d" * 64, "e" * 64, "f" * 32)
+CODE_DIGEST = "0123456789abcdef" * 4
+TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
+
+
+def counters(blocks: list[int], start: int) -> dict:
+    """Chained u128 counters for consecutive events of one substream starting at ``start``."""
+    bh, bl, ah, al = [], [], [], []
+    c = start
+    for b in blocks:
+        bh.append(c >> 64)
+        bl.append(c & U64MAX)
+        c += b
+        ah.append(c >> 64)
+        al.append(c & U64MAX)
+    u = lambda x: np.array(x, dtype=np.uint64)  # noqa: E731
+    return dict(before_hi=u(bh), before_lo=u(bl), after_hi=u(ah), after_lo=u(al), blocks=u(blocks))
+
+
+def logs_with_audit(root: Path, ids: SegmentIds = IDS) -> R.RngLogs:
+    logs = R.RngLogs(root, ids.segment, ids)
+    logs.write_audit(build_commit=CODE_DIGEST, code_digest=CODE_DIGEST)
+    return logs
+
+
+def canonical(line: str) -> str:
+    return json.dumps(json.loads(line), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+# ---------------------------------------------------------------------- formatting
+def test_float_text_is_python_repr():
+    rng = np.random.default_rng(7)
+    vals = np.concatenate([
+        rng.random(20000), rng.random(2000) * 1e-5, rng.integers(-10 ** 6, 10 ** 6, 2000).astype(float),
+        rng.integers(0, U64MAX, 20000, dtype=np.uint64).view(np.float64),
+        [0.0, -0.0, 1.0, 1e-4, 9.9999e-5, 1e15, 1e16, 123456789012345.0, 0.1 + 0.2, 1 / 3, 5e-324,
+         1.7976931348623157e308, 2.5e-07, 0.9999999999999999],
+    ])
+    vals = vals[np.isfinite(vals)]
+    assert R._float_strings(vals).to_pylist() == [repr(float(v)) for v in vals]
+
+
+def test_string_text_is_json_dumps():
+    vals = ['GB', 'a"b', "back\\slash", "caf\u00e9", "tab\tnew\nline", "\x7f", ""]
+    assert R._json_strings(pa.array(vals)).to_pylist() == [json.dumps(v) for v in vals]
+
+
+# ---------------------------------------------------------------------- round trip
+def test_round_trip_u64_17_digit_floats_nulls(tmp_path):
+    logs = logs_with_audit(tmp_path)
+    mids = np.array([1, 2 ** 63 + 1, U64MAX, 12345], dtype=np.uint64)
+    c = {"before_hi": np.array([5, 2 ** 63, U64MAX - 1, 0], np.uint64),
+         "before_lo": np.array([U64MAX, 17, U64MAX, 0], np.uint64)}
+    blocks = np.array([1, 0, 1, 1], np.uint64)
+    c["after_hi"] = c["before_hi"] + (c["before_lo"] == U64MAX).astype(np.uint64) * blocks
+    c["after_lo"] = c["before_lo"] + blocks  # wraps to 0 with a carry into hi
+    u = [0.1 + 0.2, None, 1e-05, 0.9999999999999999]
+    cols = dict(c, merchant_id=mids, blocks=blocks, draws=blocks.copy(), pi=[0.5, 1.0, 0.7, 1e-300],
+                u=u, is_multi=[True, True, True, False], deterministic=[False, True, False, False])
+    assert logs.add_events("hurdle_bernoulli", "1A.hurdle_sampler", "hurdle_bernoulli", cols) == 4
+    summary = logs.close()
+    assert summary["events"] == {"hurdle_bernoulli": {"events": 4, "parts": ["part-00000.jsonl"]}}
+    path = logs.event_dir("hurdle_bernoulli") / "part-00000.jsonl"
+    assert "logs/rng/events/hurdle_bernoulli/seed=18446744073709551615/" in path.as_posix()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4
+    for line in lines:
+        assert line == canonical(line)  # sorted keys, compact, ASCII
+    rows = [json.loads(x) for x in lines]
+    assert [r["merchant_id"] for r in rows] == [int(x) for x in mids]
+    assert rows[0]["u"] == 0.1 + 0.2 and '"u":0.30000000000000004' in lines[0]
+    assert '"u":1e-05' in lines[2] and '"pi":1e-300' in lines[3]
+    assert rows[1]["u"] is None and '"u":null' in lines[1]
+    assert rows[0]["rng_counter_after_hi"] == 6 and rows[0]["rng_counter_after_lo"] == 0
+    assert rows[2]["rng_counter_after_hi"] == U64MAX
+    assert [r["draws"] for r in rows] == ["1", "0", "1", "1"]
+    assert all(r["seed"] == U64MAX and r["run_id"] == "c" * 32 for r in rows)
+    assert len({r["ts_utc"] for r in rows}) == 1 and TS_RE.match(rows[0]["ts_utc"])
+    assert rows[0]["is_multi"] is True and rows[1]["deterministic"] is True
+    t = R.read_events(tmp_path, IDS, "hurdle_bernoulli")
+    assert t.schema.field("merchant_id").type == pa.uint64()
+    assert t["merchant_id"].to_pylist() == [int(x) for x in mids]
+    assert t["u"].to_pylist() == u
+    assert t["rng_counter_before_hi"].to_pylist() == [5, 2 ** 63, U64MAX - 1, 0]
+    assert t["draws"].to_pylist() == ["1", "0", "1", "1"]
+    assert R.read_events(tmp_path, IDS, "hurdle_bernoulli", columns=["u"]).column_names == ["u"]
+    assert R.reconcile(tmp_path, IDS, chain=True) == []
+
+
+def test_optional_fields_are_omitted_and_lists_written(tmp_path):
+    logs = logs_with_audit(tmp_path)
+    c = counters([1, 1, 1], 1000)
+    logs.add_events("gumbel_key", "1A.foreign_country_selector", "gumbel_key", dict(
+        c, draws=[1, 1, 1], merchant_id=[7, 7, 7], country_iso=["DE", "FR", "GB"], weight=[0.5, 0.0, 0.5],
+        u=[0.25, 0.5, 0.75], key=[-0.3, np.nan, 1.25], selected=[False, False, True],
+        selection_order=[None, None, 1]))
+    logs.add_events("dirichlet_gamma_vector", "1A.dirichlet_allocator", "dirichlet_gamma_vector", dict(
+        counters([4], 5), draws=[6], merchant_id=[7], home_country_iso=["GB"], country_isos=[["GB", "DE"]],
+        alpha=[[1.5, 0.25]], gamma_raw=[[2.0, 0.1]], weights=[[0.95, 0.05]], n_domestic=[None]))
+    logs.close()
+    lines = (logs.event_dir("gumbel_key") / "part-00000.jsonl").read_text().splitlines()
+    assert "selection_order" not in lines[0] and '"selection_order":1' in lines[2]
+    assert '"key":null' in lines[1]  # required, nullable
+    assert all(line == canonical(line) for line in lines)
+    t = R.read_events(tmp_path, IDS, "gumbel_key")
+    assert t["selection_order"].to_pylist() == [None, None, 1]
+    d = (logs.event_dir("dirichlet_gamma_vector") / "part-00000.jsonl").read_text()
+    assert '"alpha":[1.5,0.25]' in d and '"country_isos":["GB","DE"]' in d and "n_domestic" not in d
+    dt = R.read_events(tmp_path, IDS, "dirichlet_gamma_vector")
+    assert dt["weights"].to_pylist() == [[0.95, 0.05]]
+    assert R.reconcile(tmp_path, IDS, families=["gumbel_key", "dirichlet_gamma_vector"]) == []
+
+
+def test_anchor_event_without_merchant(tmp_path):
+    logs = logs_with_audit(tmp_path)
+    z = np.zeros(1, np.uint64)
+    logs.add_events("anchor", "1A.s0", "s0.anchor", dict(before_hi=z, before_lo=z, after_hi=z, after_lo=z,
+                                                           blocks=z, draws=z))
+    logs.close()
+    row = json.loads((logs.event_dir("anchor") / "part-00000.jsonl").read_text())
+    assert "merchant_id" not in row and row["draws"] == "0" and row["module"] == "1A.s0"
+    assert R.reconcile(tmp_path, IDS, families=["anchor"]) == []
+
+
+# ---------------------------------------------------------------------- audit and guards
+def test_audit_must_exist_and_is_written_once(tmp_path):
+    logs = R.RngLogs(tmp_path, "1A", IDS)
+    c = counters([1], 10)
+    cols = dict(c, draws=[1], merchant_id=[1], pi=[0.5], u=[0.2], is_multi=[True], deterministic=[False])
+    with pytest.raises(RngError) as ei:
+        logs.add_events("hurdle_bernoulli", "1A.hurdle_sampler", "hurdle_bernoulli", cols)
+    assert ei.value.code == "E_RNG_AUDIT_MISSING"
+    assert logs.write_audit(build_commit=CODE_DIGEST, rng_key=2 ** 64 - 1) is True
+    assert logs.write_audit(build_commit=CODE_DIGEST, rng_key=2 ** 64 - 1, ts_utc="2000-01-01T00:00:00.000000Z") is False
+    rows = R.read_audit(tmp_path, IDS)
+    assert len(rows) == 1
+    assert rows[0]["algorithm"] == "philox2x64-10" and rows[0]["rng_key"] == 2 ** 64 - 1
+    assert rows[0]["seed"] == U64MAX and rows[0]["manifest_fingerprint"] == "b" * 64
+    assert logs.write_audit(build_commit=CODE_DIGEST, rng_key=2 ** 64 - 1, notes="rerun") is True
+    assert len(R.read_audit(tmp_path, IDS)) == 2
+    with pytest.raises(RngError, match="E_RNG_ENVELOPE"):
+        logs.write_audit(build_commit="not-hex")
+    with pytest.raises(RngError, match="E_RNG_ENVELOPE"):
+        logs.write_audit(build_commit=CODE_DIGEST, hostnme="typo")
+
+
+@pytest.mark.parametrize("case,code", [
+    ("unregistered_pair", "E_RNG_ENVELOPE"),
+    ("other_segment_family", "E_RNG_ENVELOPE"),
+    ("unknown_column", "E_RNG_ENVELOPE"),
+    ("missing_payload", "E_RNG_ENVELOPE"),
+    ("bad_payload_value", "E_RNG_ENVELOPE"),
+    ("negative_counter", "E_RNG_ENVELOPE"),
+    ("counter_mismatch", "E_RNG_COUNTER_MISMATCH"),
+    ("budget", "E_RNG_BUDGET_VIOLATION"),
+    ("nonconsuming_moved", "E_NONCONSUMING_CHANGED_COUNTERS"),
+])
+def test_writer_refuses_bad_events(tmp_path, case, code):
+    logs = logs_with_audit(tmp_path)
+    c = counters([1, 1], 50)
+    g = dict(c, draws=[1, 1], merchant_id=[3, 3], country_iso=["DE", "FR"], weight=[0.5, 0.5], u=[0.1, 0.2],
+             key=[0.0, 1.0], selected=[True, False])
+    fam, mod, lab = "gumbel_key", "1A.foreign_country_selector", "gumbel_key"
+    if case == "unregistered_pair":
+        mod = "1A.hurdle_sampler"
+    elif case == "other_segment_family":
+        fam, mod, lab = "site_tile_assign", "1B.S5.assigner", "site_tile_assign"
+    elif case == "unknown_column":
+        g["attempt_index"] = [1, 2]
+    elif case == "missing_payload":
+        del g["weight"]
+    elif case == "bad_payload_value":
+        g["country_iso"] = ["DE", "fr"]
+    elif case == "negative_counter":
+        g["before_lo"] = np.array([-1, 3], dtype=np.int64)
+    elif case == "counter_mismatch":
+        g["blocks"] = np.array([1, 2], np.uint64)
+    elif case == "budget":
+        g["draws"] = [1, 2]
+    elif case == "nonconsuming_moved":
+        fam, mod, lab = "nb_final", "1A.nb_sampler", "nb_final"
+        g = dict(counters([0], 9), draws=[0], merchant_id=[3], mu=[2.0], dispersion_k=[1.5], n_outlets=[4],
+                 nb_rejections=[0])
+        g["after_lo"] = g["after_lo"] + np.uint64(1)
+        g["blocks"] = np.array([1], np.uint64)
+    with pytest.raises(RngError) as ei:
+        logs.add_events(fam, mod, lab, g)
+    assert ei.value.code == code
+    logs.close()
+    assert not (tmp_path / "logs/rng/events").exists()  # nothing written
+
+
+# ---------------------------------------------------------------------- trace
+def _s2_writer(root: Path) -> R.RngLogs:
+    logs = logs_with_audit(root)
+    # merchant 10: two gamma attempts chained, two poisson attempts; merchant 2**63+7: one each
+    g1, g2 = counters([2, 3], 100), counters([2], 900)
+    p1, p2 = counters([3, 1], 2 ** 64 + 5), counters([5], 7)
+    cat = lambda a, b: {k: np.concatenate([a[k], b[k]]) for k in a}  # noqa: E731
+    mids = np.array([10, 10, 2 ** 63 + 7], np.uint64)
+    logs.add_events("gamma_component", "1A.nb_and_dirichlet_sampler", "gamma_nb", dict(
+        cat(g1, g2), draws=[3, 4, 3], merchant_id=mids, context="nb", index=0, alpha=[4.5, 4.5, 0.75],
+        gamma_value=[2.25, 3.0, 0.5]))
+    logs.add_events("poisson_component", "1A.nb_poisson_component", "poisson_nb", dict(
+        cat(p1, p2), draws=[3, 1, 5], merchant_id=mids, context="nb", **{"lambda": [1.5, 1.5, 6.25]},
+        k=[1, 0, 4], attempt=[1, 2, 1]))
+    z = counters([0, 0], 42)
+    logs.add_events("nb_final", "1A.nb_sampler", "nb_final", dict(
+        z, draws=[0, 0], merchant_id=np.array([10, 2 ** 63 + 7], np.uint64), mu=[3.0, 6.5], dispersion_k=[2.0, 0.5],
+        n_outlets=[2, 4], nb_rejections=[1, 0]))
+    return logs
+
+
+def test_trace_is_cumulative_per_key_and_reruns_do_not_double(tmp_path):
+    logs = _s2_writer(tmp_path)
+    summary = logs.close()
+    assert summary["trace_keys"] == [["1A.nb_and_dirichlet_sampler", "gamma_nb"],
+                                     ["1A.nb_poisson_component", "poisson_nb"], ["1A.nb_sampler", "nb_final"]]
+    tr = R.read_trace(tmp_path, IDS)
+    assert tr.num_rows == 8
+    g = tr.filter(pa.compute.equal(tr["substream_label"], "gamma_nb")).to_pylist()
+    assert [(r["events_total"], r["blocks_total"], r["draws_total"]) for r in g] == [(1, 2, 3), (2, 5, 7), (3, 7, 10)]
+    p = tr.filter(pa.compute.equal(tr["substream_label"], "poisson_nb")).to_pylist()
+    assert p[0]["rng_counter_before_hi"] == 1 and p[0]["rng_counter_before_lo"] == 5  # u128 start above 2**64
+    assert all(r["seed"] == U64MAX and "parameter_hash" not in r for r in tr.to_pylist())
+    assert R.reconcile(tmp_path, IDS, chain=True) == []
+    first_trace = R.trace_path(tmp_path, IDS).read_text().splitlines()
+    # re-run the same state: events replaced, trace rows of its keys replaced (never doubled)
+    _s2_writer(tmp_path).close()
+    second = R.trace_path(tmp_path, IDS).read_text().splitlines()
+    assert len(second) == len(first_trace) == 8
+    assert [json.loads(x)["events_total"] for x in second] == [json.loads(x)["events_total"] for x in first_trace]
+    assert R.read_events(tmp_path, IDS, "gamma_component").num_rows == 3
+    assert R.reconcile(tmp_path, IDS, chain=True) == []
+
+
+def test_s2_and_s4_share_a_family_in_separate_parts(tmp_path):
+    _s2_writer(tmp_path).close()
+
+    def s4():
+        logs = R.RngLogs(tmp_path, "1A", IDS)  # audit already written by S0/S1
+        p = counters([2, 1], 555)
+        key = ("1A.ztp_sampler", "poisson_component")
+        logs.add_events("poisson_component", *key, dict(
+            p, draws=[2, 1], merchant_id=[10, 10], context="ztp", **{"lambda": [0.5, 0.5]}, k=[0, 2],
+            attempt=[1, 2]), part=1)
+        at = {k: v[:1] for k, v in counters([0], 557).items()}
+        logs.add_events("ztp_rejection", *key, dict(
+            at, draws=[0], merchant_id=[10], context="ztp", lambda_extra=[0.5], k=[0], attempt=[1]))
+        logs.add_events("ztp_final", *key, dict(
+            counters([0], 558), draws=[0], merchant_id=[10], context="ztp", K_target=[2], lambda_extra=[0.5],
+            attempts=[2], regime="inversion"))
+        return logs.close()
+
+    s4()
+    pc_table = R.read_events(tmp_path, IDS, "poisson_component", with_source=True)
+    assert pc_table["_part"].to_pylist() == ["part-00000.jsonl"] * 3 + ["part-00001.jsonl"] * 2
+    assert pc_table["context"].to_pylist() == ["nb", "nb", "nb", "ztp", "ztp"]
+    tr = R.read_trace(tmp_path, IDS)
+    s4rows = tr.filter(pa.compute.equal(tr["module"], "1A.ztp_sampler")).to_pylist()
+    assert [r["events_total"] for r in s4rows] == [1, 2, 3, 4]  # one key across three families
+    assert s4rows[-1]["blocks_total"] == 3 and s4rows[-1]["draws_total"] == 3
+    assert R.reconcile(tmp_path, IDS, chain=True) == []
+    assert R.reconcile(tmp_path, IDS, families=["ztp_final"]) == []
+    s4()  # re-run S4 only
+    assert R.read_trace(tmp_path, IDS).num_rows == tr.num_rows
+    assert R.reconcile(tmp_path, IDS) == []
+
+
+# ---------------------------------------------------------------------- reconcile
+def _write_gumbel(root: Path) -> Path:
+    logs = logs_with_audit(root)
+    n = 5
+    logs.add_events("gumbel_key", "1A.foreign_country_selector", "gumbel_key", dict(
+        counters([1] * n, 2 ** 70), draws=[1] * n, merchant_id=[1, 1, 2, 2, 3],
+        country_iso=["DE", "FR", "DE", "US", "GB"], weight=[0.5, 0.5, 0.25, 0.75, 1.0],
+        u=[0.1, 0.2, 0.3, 0.4, 0.5], key=[0.1, 0.2, 0.3, 0.4, 0.5], selected=[True, False, True, True, True],
+        selection_order=[1, None, 2, 1, 1]))
+    logs.add_events("nb_final", "1A.nb_sampler", "nb_final", dict(
+        counters([0], 77), draws=[0], merchant_id=[1], mu=[2.0], dispersion_k=[1.0], n_outlets=[3],
+        nb_rejections=[0]))
+    logs.close()
+    assert R.reconcile(root, IDS) == []
+    return logs.event_dir("gumbel_key") / "part-00000.jsonl"
+
+
+def _edit_line(path: Path, i: int, old: str, new: str) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    assert old in lines[i]
+    lines[i] = lines[i].replace(old, new, 1)
+    path.write_text("".join(lines))
+
+
+def _codes(failures: list[dict]) -> set[str]:
+    return {f["code"] for f in failures}
+
+
+def test_reconcile_detects_a_removed_event(tmp_path):
+    p = _write_gumbel(tmp_path)
+    lines = p.read_text().splitlines(keepends=True)
+    p.write_text("".join(lines[:2] + lines[3:]))
+    f = R.reconcile(tmp_path, IDS)
+    assert _codes(f) == {"E_TRACE_COVERAGE_MISSING", "E_TRACE_TOTALS_MISMATCH"}
+    assert all(x["family"] == "gumbel_key" for x in f)
+
+
+def test_reconcile_detects_a_changed_counter(tmp_path):
+    p = _write_gumbel(tmp_path)
+    row = json.loads(p.read_text().splitlines()[3])
+    _edit_line(p, 3, f'"rng_counter_after_lo":{row["rng_counter_after_lo"]}',
+               f'"rng_counter_after_lo":{row["rng_counter_after_lo"] + 1}')
+    f = R.reconcile(tmp_path, IDS)
+    assert _codes(f) == {"E_RNG_COUNTER_MISMATCH"}
+    assert f[0]["rows"][0]["_line"] == 3 and f[0]["rows"][0]["_part"] == "part-00000.jsonl"
+    assert f[0]["rows"][0]["merchant_id"] == 2 and f[0]["count"] == 1
+
+
+def test_reconcile_detects_wrong_draws(tmp_path):
+    p = _write_gumbel(tmp_path)
+    _edit_line(p, 1, '"draws":"1"', '"draws":"2"')
+    f = R.reconcile(tmp_path, IDS)
+    assert _codes(f) == {"E_RNG_BUDGET_VIOLATION", "E_TRACE_TOTALS_MISMATCH"}
+    budget = [x for x in f if x["code"] == "E_RNG_BUDGET_VIOLATION"][0]
+    assert budget["rows"][0]["_line"] == 1
+    _edit_line(p, 1, '"draws":"2"', '"draws":"01"')
+    assert "E_RNG_BUDGET_VIOLATION" in _codes(R.reconcile(tmp_path, IDS))
+
+
+def test_reconcile_detects_identity_audit_and_nonconsuming_problems(tmp_path):
+    p = _write_gumbel(tmp_path)
+    _edit_line(p, 0, '"run_id":"' + "c" * 32, '"run_id":"' + "0" * 32)
+    assert _codes(R.reconcile(tmp_path, IDS)) == {"E_PATH_EMBED_MISMATCH"}
+    _edit_line(p, 0, '"run_id":"' + "0" * 32, '"run_id":"' + "c" * 32)
+    nb = R.event_dir(tmp_path, IDS, "nb_final") / "part-00000.jsonl"
+    row = json.loads(nb.read_text())
+    _edit_line(nb, 0, f'"rng_counter_after_lo":{row["rng_counter_after_lo"]}',
+               f'"rng_counter_after_lo":{row["rng_counter_after_lo"] + 1}')
+    assert {"E_NONCONSUMING_CHANGED_COUNTERS", "E_RNG_COUNTER_MISMATCH"} <= _codes(R.reconcile(tmp_path, IDS))
+    R.audit_path(tmp_path, IDS).unlink()
+    assert "E_RNG_AUDIT_MISSING" in _codes(R.reconcile(tmp_path, IDS))
+
+
+def test_chain_check_detects_a_gap_within_one_substream(tmp_path):
+    logs = logs_with_audit(tmp_path, IDS_1B)
+    a = counters([1, 1, 1], 500)
+    b = counters([1], 9000)
+    b2 = counters([1], 1000)  # merchant 5 / DE second event jumps: before != previous after
+    cat = {k: np.concatenate([a[k], b[k], b2[k]]) for k in a}
+    logs.add_events("site_tile_assign", "1B.S5.assigner", "site_tile_assign", dict(
+        cat, draws=[1] * 5, merchant_id=[4, 4, 4, 5, 5], legal_country_iso=["GB", "GB", "GB", "DE", "DE"],
+        site_order=[1, 2, 3, 1, 2], tile_id=np.array([2 ** 64 - 1, 7, 7, 1, 2], np.uint64),
+        u=[0.5, 0.25, 0.75, 0.5, 0.5]))
+    logs.close()
+    assert "logs/rng/events/site_tile_assign/seed=18446744073709551615/parameter_hash=" + "d" * 64 in \
+        (logs.event_dir("site_tile_assign")).as_posix()
+    assert R.reconcile(tmp_path, IDS_1B) == []
+    f = R.reconcile(tmp_path, IDS_1B, chain=True)
+    assert _codes(f) == {"E_RNG_COUNTER_MISMATCH"}
+    assert f[0]["rows"][0]["merchant_id"] == 5 and f[0]["rows"][0]["_line"] == 4
+
+
+def test_in_cell_jitter_1b(tmp_path):
+    logs = logs_with_audit(tmp_path, IDS_1B)
+    logs.add_events("in_cell_jitter", "1B.S6.jitter", "in_cell_jitter", dict(
+        counters([1, 1], 77), draws=[2, 2], merchant_id=[4, 4], legal_country_iso=["GB", "GB"], site_order=[1, 1],
+        delta_lat_deg=[0.001, -0.5], delta_lon_deg=[-0.25, 0.125], sigma_lat_deg=0.0, sigma_lon_deg=0.0))
+    logs.close()
+    rows = [json.loads(x) for x in (logs.event_dir("in_cell_jitter") / "part-00000.jsonl").read_text().splitlines()]
+    assert rows[0]["sigma_lat_deg"] == 0.0 and '"sigma_lat_deg":0.0' in json.dumps(rows[0], separators=(",", ":"))
+    assert R.reconcile(tmp_path, IDS_1B, chain=True) == []
+    with pytest.raises(RngError, match="E_RNG_BUDGET_VIOLATION"):
+        logs.add_events("in_cell_jitter", "1B.S6.jitter", "in_cell_jitter", dict(
+            counters([1], 5), draws=[1], merchant_id=[4], legal_country_iso=["GB"], site_order=[2],
+            delta_lat_deg=[0.0], delta_lon_deg=[0.0], sigma_lat_deg=0.0, sigma_lon_deg=0.0))
+
+
+# ---------------------------------------------------------------------- throughput
+def test_writer_throughput(tmp_path):
+    """Columnar writing: events + their trace rows. Prints the CPU rate; the bound is loose (shared CI)."""
+    n = 200_000
+    rng = np.random.default_rng(0)
+    bh = rng.integers(0, U64MAX, n, dtype=np.uint64)
+    bl = rng.integers(0, U64MAX - 1, n, dtype=np.uint64)
+    u = rng.random(n)
+    cols = dict(before_hi=bh, before_lo=bl, after_hi=bh, after_lo=bl + np.uint64(1), blocks=np.ones(n, np.uint64),
+                draws=np.ones(n, np.uint64), merchant_id=rng.integers(1, U64MAX, n, dtype=np.uint64),
+                country_iso=pa.array(rng.choice(["DE", "FR", "GB", "US"], n)), weight=rng.random(n), u=u,
+                key=np.log(u), selected=u < 0.5, selection_order=np.where(u < 0.5, 1, np.nan))
+    logs = logs_with_audit(tmp_path)
+    logs.add_events("gumbel_key", "1A.foreign_country_selector", "gumbel_key",
+                    {k: v[:100] for k, v in cols.items()})
+    logs.close()  # warm-up (numba cache)
+    t0, w0 = time.process_time(), time.perf_counter()
+    logs.add_events("gumbel_key", "1A.foreign_country_selector", "gumbel_key", cols)
+    logs.close()
+    cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+    print(f"\nrnglog writer: {n / cpu:,.0f} events/s CPU, {n / wall:,.0f} events/s wall "
+          f"(events + trace rows, {n} gumbel_key events)")
+    assert n / cpu > 100_000
+    t = R.read_events(tmp_path, IDS, "gumbel_key", columns=["u", "merchant_id"])
+    assert np.array_equal(t["u"].to_numpy(), u)
+    assert np.array_equal(t["merchant_id"].to_numpy(), cols["merchant_id"])
