@@ -62,9 +62,8 @@ def main() -> int:
     cfg_path.write_text(yaml.safe_dump(cfg))
     target = "segment1a" if a.target == "segment1a" else "all"
     t0 = time.perf_counter()
-    rc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(root / "run"),
-                         "--configfile", str(cfg_path), "--cores", str(a.cores), "--rerun-triggers", "mtime",
-                         target]).returncode
+    rc = subprocess.run([sys.executable, "-m", "snakemake", target, "-s", str(REPO / "Snakefile"), "-d", str(root / "run"),
+                         "--configfile", str(cfg_path), "--cores", str(a.cores), "--rerun-triggers", "mtime"]).returncode
     wall = time.perf_counter() - t0
     print(f"\nrows={a.rows} target={target} exit={rc} total wall (incl. Snakemake start-up) = {wall:.1f} s")
     print(f"{'state':<28}{'wall s':>10}{'max RSS MB':>12}")

@@ -471,6 +471,8 @@ def test_run_publishes_everything_byte_stable(tmp_path):
     root = tmp_path / "root"
     ctx = make_ctx(cfg, root)
     s0.run(ctx)
+    assert not (root / "logs").exists()  # the seed-scoped logs are the anchor step's
+    s0.run_rng_anchor(ctx)
     files = data_files(root)
     fp, ph = ctx.ids.manifest_fingerprint, ctx.ids.parameter_hash
     for ds in ("hurdle_design_matrix", "hurdle_pi_probs", "crossborder_eligibility_flags", "crossborder_features",
@@ -504,9 +506,13 @@ def test_run_publishes_everything_byte_stable(tmp_path):
     assert (a["module"], a["substream_label"], a["blocks"], a["draws"]) == ("1A.s0", "s0.anchor", 0, "0")
     assert a["rng_counter_before_lo"] == a["rng_counter_after_lo"] and a["rng_counter_before_hi"] == a["rng_counter_after_hi"]
     assert ctx.path("rng_audit_log").is_file()
-    # re-run: byte-identical no-op
+    assert rnglog.read_audit(root, ctx.ids)[0]["build_commit"] == receipt["code_digest"]
+    # re-run: byte-identical no-op; the anchor step is idempotent (one audit row, one anchor)
     s0.run(ctx)
+    s0.run_rng_anchor(ctx)
     assert data_files(root) == files
+    assert len(rnglog.read_audit(root, ctx.ids)) == 1 and rnglog.read_events(root, ctx.ids, "anchor").num_rows == 1
+    assert rnglog.reconcile(root, ctx.ids) == []
 
 
 def test_run_drop_option_counts_in_receipt(tmp_path):
@@ -550,6 +556,14 @@ def test_run_failure_publishes_nothing(tmp_path, code, kw):
     assert ei.value.code == code
     assert data_files(root) == {}
     assert not (root / "logs").exists()
+
+
+def test_anchor_needs_receipt(tmp_path):
+    ctx = make_ctx(make_case(tmp_path), tmp_path / "root")
+    with pytest.raises(EngineError) as ei:
+        s0.run_rng_anchor(ctx)
+    assert ei.value.code == "E_UPSTREAM_MISSING"
+    assert not (tmp_path / "root" / "logs").exists()
 
 
 def test_run_identity_race(tmp_path):

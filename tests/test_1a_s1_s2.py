@@ -324,6 +324,10 @@ def test_s1_s2_run_end_to_end(tmp_path):
         s1.run(ctx)
     assert not (root / "logs").exists()
     s0.run(ctx)
+    with pytest.raises(EngineError) as ei:  # S1 before the audit row exists (00-core 3.7)
+        s1.run(ctx)
+    assert ei.value.code == "E_RNG_AUDIT_MISSING"
+    s0.run_rng_anchor(ctx)
     with pytest.raises(EngineError) as ei:  # S2 before S1: every merchant lacks its hurdle event
         s2.run(ctx)
     assert ei.value.code == "ERR_S2_ENTRY_MISSING_HURDLE"

@@ -567,3 +567,20 @@ def test_run_sequencing_requires_integerisation(tmp_path):
     with pytest.raises(EngineError) as e:
         s3.run_candidates(ctx)
     assert e.value.code == "ERR_S3_PRECONDITION"
+
+
+def test_published_priors_parse_back_to_recomputed_weights(tmp_path):
+    """run_lanes recomputes w⋄ from the sealed policy instead of joining the priors table: the published
+    strings must parse back to exactly those floats."""
+    from engine.core import publish
+
+    ctx = build_run(tmp_path / "run", FIX_MERCHANTS, {10: True}, {10: 5}, options={"s3_priors": True})
+    s3.run_candidates(ctx)
+    pri = publish.read_parquet_dir(ctx.path("s3_base_weight_priors")).to_pylist()
+    cand = {(r["merchant_id"], r["country_iso"]): r for r in publish.read_parquet_dir(ctx.path("s3_candidate_set")).to_pylist()}
+    bw = s3.load_base_weight(ctx.config["segment1a"]["parameters"]["policy.s3.base_weight.yaml"])
+    for r in pri:
+        c = cand[(r["merchant_id"], r["country_iso"])]
+        w, txt = s3.prior_value(bw, c["is_home"], c["candidate_rank"])
+        assert float(r["base_weight_dp"]) == w and r["base_weight_dp"] == txt
+    assert [(r["merchant_id"], r["country_iso"]) for r in pri] == sorted(cand)  # writer sort

@@ -278,3 +278,16 @@ def test_run_exhaustion_downgrade_and_abort(tmp_path):
     assert {r["aborted"] for r in ex} == {True}  # the evidence is written before the run stops
     fin = rnglog.read_events(ctx.data_root, ctx.ids, "ztp_final").to_pylist()
     assert [r["merchant_id"] for r in fin] == [30]  # only the A = 0 merchant is resolved
+
+
+def test_run_openness_out_of_range_fails_closed(tmp_path):
+    from test_1a_s3 import FIX_MERCHANTS, build_run
+
+    from engine.segment1a import s3_crossborder as s3
+
+    ctx = build_run(tmp_path / "run", FIX_MERCHANTS[:2], {10: True, 40: True}, {10: 3, 40: 4},
+                    openness={10: float("nan"), 40: 0.5})
+    s3.run_candidates(ctx)
+    with pytest.raises(EngineError) as e:  # §4.3.1: no clamping
+        s4.run(ctx)
+    assert e.value.code == "POLICY_INVALID" and "merchant 10" in e.value.rows[0]

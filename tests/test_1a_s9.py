@@ -359,6 +359,15 @@ def _rewrite_jsonl(path: Path, fn) -> None:
     path.write_bytes(b"".join(publish.canonical_json_bytes(r) for r in rows))
 
 
+def _validate_fail(ctx: RunContext, code: str) -> dict:
+    """validate() only (no publishing): FAIL with ``code``; returns the parsed s9_summary.json bytes."""
+    res = s9.validate(ctx)
+    assert not res.passed and code in _codes(res), res.failures
+    summary = json.loads(res.bundle_files["s9_summary.json"])
+    assert summary["run"]["decision"] == "FAIL" and code in summary["failure_codes"]
+    return summary
+
+
 def _assert_fail(ctx: RunContext, code: str) -> dict:
     with pytest.raises(ValidationFailure) as ei:
         s9.run(ctx)
@@ -467,13 +476,13 @@ def test_catalogue_site_order_gap_fails(tree, tmp_path):
         return t.set_column(t.column_names.index("site_order"), "site_order", pa.array(so, pa.int32()))
 
     _edit_catalogue(ctx, gap)
-    _assert_fail(ctx, "E_S8_SEQUENCE_GAP")
+    _validate_fail(ctx, "E_S8_SEQUENCE_GAP")
 
 
 def test_catalogue_unsorted_and_duplicate_rows_fail(tree, tmp_path):
     ctx = _copy(tree, tmp_path)
     _edit_catalogue(ctx, lambda t: pa.concat_tables([t.slice(1, 1), t]))
-    summary = _assert_fail(ctx, "E_WRITER_SORT_BROKEN")
+    summary = _validate_fail(ctx, "E_WRITER_SORT_BROKEN")
     assert "E_DUP_PK" in summary["failure_codes"]
 
 
@@ -512,7 +521,7 @@ def test_hurdle_u_replayed_from_philox(tree, tmp_path):
         return rows
 
     _rewrite_jsonl(part, nudge)
-    summary = _assert_fail(ctx, "E_S1_REPLAY_MISMATCH")
+    summary = _validate_fail(ctx, "E_S1_REPLAY_MISMATCH")
     assert set(summary["failure_codes"]) == {"E_S1_REPLAY_MISMATCH"}
 
 
@@ -525,7 +534,7 @@ def test_nb_gamma_value_replayed(tree, tmp_path):
         return rows
 
     _rewrite_jsonl(part, nudge)
-    summary = _assert_fail(ctx, "E_S2_REPLAY_MISMATCH")
+    summary = _validate_fail(ctx, "E_S2_REPLAY_MISMATCH")
     assert "E_S2_COMPONENT_ORDER" in summary["failure_codes"]  # lambda == (mu/phi)*gamma_value no longer holds
 
 
@@ -543,7 +552,7 @@ def test_gating_violation_for_single_site_event(tree, tmp_path):
         return sorted(rows + [r], key=lambda x: x["merchant_id"])
 
     _rewrite_jsonl(part, add)
-    summary = _assert_fail(ctx, "E_S1_GATING_VIOLATION")
+    summary = _validate_fail(ctx, "E_S1_GATING_VIOLATION")
     assert "E_TRACE_COVERAGE_MISSING" in summary["failure_codes"]
 
 
@@ -555,7 +564,7 @@ def test_lineage_recompute_mismatch(tree, tmp_path):
     p.write_text("# changed\n")
     cfg["segment1a"]["parameters"]["policy.s3.bounds.yaml"] = str(p)
     ctx2 = RunContext(data_root=ctx.data_root, repo_root=ctx.repo_root, config=cfg, ids=ctx.ids, extra=ctx.extra)
-    _assert_fail(ctx2, "E_LINEAGE_RECOMPUTE_MISMATCH")
+    _validate_fail(ctx2, "E_LINEAGE_RECOMPUTE_MISMATCH")
 
 
 # ---------------------------------------------------------------------- pure parts

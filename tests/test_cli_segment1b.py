@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -189,8 +190,9 @@ def _pipeline_missing() -> str | None:
 
 
 def _cli(module: str, *args, cwd=REPO) -> tuple[int, dict | None, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                          env=env)
     try:
         out = json.loads(proc.stdout) if proc.stdout.strip() else None
     except ValueError:

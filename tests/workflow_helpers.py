@@ -33,7 +33,8 @@ def absolutise(cfg: dict) -> dict:
 def snakemake(data_root: Path, cfg: dict | None = None, targets=(), cores: int = 2, dry_run: bool = False,
               extra=(), check: bool = True) -> subprocess.CompletedProcess:
     data_root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(data_root),
+    # targets first: --configfile and --rerun-triggers take several values each
+    cmd = [sys.executable, "-m", "snakemake", *targets, "--snakefile", str(REPO / "Snakefile"), "--directory", str(data_root),
            "--cores", str(cores), "--rerun-triggers", "mtime"]
     if cfg is not None:
         cfg_path = data_root / "test-config.yaml"
@@ -41,7 +42,7 @@ def snakemake(data_root: Path, cfg: dict | None = None, targets=(), cores: int =
         cmd += ["--configfile", str(cfg_path)]
     if dry_run:
         cmd += ["-n"]
-    cmd += list(extra) + list(targets)
+    cmd += list(extra)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:

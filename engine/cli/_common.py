@@ -31,15 +31,16 @@ def run_snakemake(data_root: Path, cfg: dict, targets: list[str], cores: int, ex
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="engine-config-", delete=False) as f:
         yaml.safe_dump(cfg, f, sort_keys=True)
         cfg_path = f.name
+    # targets first: --configfile and --rerun-triggers take several values each
     cmd = [
         sys.executable, "-m", "snakemake",
+        *targets,
         "--snakefile", str(REPO / "Snakefile"),
         "--directory", str(data_root),
         "--configfile", cfg_path,
         "--cores", str(cores),
         "--rerun-triggers", "mtime",
         *(extra_args or []),
-        *targets,
     ]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

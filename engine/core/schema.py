@@ -52,12 +52,14 @@ _CACHE: dict[tuple[str, int], dict] = {}
 
 # ---------------------------------------------------------------------- loading
 def _resolve(ref: str | Path) -> Path:
+    """Absolute paths as given; relative refs against contracts/ first, then the working directory."""
     p = Path(ref)
     if p.is_absolute():
         return p
-    if p.exists():
-        return p.resolve()
-    return CONTRACTS_DIR / p
+    in_contracts = CONTRACTS_DIR / p
+    if in_contracts.exists() or not p.exists():
+        return in_contracts
+    return p.resolve()
 
 
 def load_schema(ref_or_path: Any) -> dict:

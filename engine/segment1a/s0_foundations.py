@@ -1,6 +1,6 @@
 """1A S0 — foundations (00-core 6.2 and 7; consumes no randomness).
 
-``run(ctx)``: load and validate every 1A input, check the resolved identities against ``ctx.ids``, run
+``run(ctx)`` (state ``1A.S0``): load and validate every 1A input, check the resolved identities against ``ctx.ids``, run
 the numeric self-tests, compute the per-merchant design inputs, hurdle probabilities, cross-border
 eligibility and openness, then publish (atomic, write-once):
 
@@ -12,7 +12,8 @@ eligibility and openness, then publish (atomic, write-once):
   fingerprint covers;
 * ``hurdle_design_matrix``, ``hurdle_pi_probs``, ``crossborder_eligibility_flags``,
   ``crossborder_features``, ``merchant_abort_log`` (``parameter_hash=/fingerprint=``, decision 13);
-* the RNG audit row and the non-consuming ``anchor`` event (module ``1A.s0``, label ``s0.anchor``).
+* :func:`run_rng_anchor` (state ``1A.S0.anchor``): the RNG audit row and the non-consuming ``anchor`` event
+  (module ``1A.s0``, label ``s0.anchor``), seed-scoped, after the receipt exists.
 
 Everything that can fail is checked before the first byte is published.
 
@@ -743,8 +744,11 @@ def resolve_and_check(ctx):
 
 
 def run(ctx) -> None:
-    from engine.core import publish, rng
-    from engine.core.rnglog import RngLogs
+    """S0's fingerprint-scoped part: validate, compute and publish every S0 dataset, receipt and sealed list.
+
+    The seed-scoped RNG audit row and anchor event are :func:`run_rng_anchor` (its own Snakemake rule).
+    """
+    from engine.core import publish
 
     # identities first (00-core 7.2 steps 5-8), then numeric self-tests, then inputs
     resolved = resolve_and_check(ctx)
@@ -778,13 +782,33 @@ def run(ctx) -> None:
         publish.write_json(rec["manifest_fingerprint_resolved"], t / "manifest_fingerprint_resolved.json")
         publish.write_json(attest, t / "numeric_policy_attest.json")
 
-    # RNG audit row (before any event of the run) and the non-consuming anchor (00-core 3.7)
+
+
+def run_rng_anchor(ctx) -> None:
+    """S0's seed-scoped part: the run's RNG audit row and the non-consuming ``anchor`` event (00-core 3.7).
+
+    Separate from :func:`run` because these logs live under ``seed=/parameter_hash=/run_id=`` while S0's data
+    are fingerprint-scoped: a new seed re-runs only this step (decision 13). It reads the published receipt
+    (S0 must have passed) and takes the code digest recorded there as ``build_commit`` (decision 3). Both
+    writes are idempotent for the run (the audit row is not duplicated; the anchor part is replaced).
+    """
+    from engine.core import rng
+    from engine.core.rnglog import RngLogs
+
+    rp = ctx.path("s0_gate_receipt_1A") / "s0_gate_receipt.json"
+    try:
+        receipt = json.loads(rp.read_bytes())
+    except (OSError, ValueError) as e:
+        raise InputError("E_UPSTREAM_MISSING", f"S0 gate receipt not readable: {e}", path=rp) from e
+    if receipt.get("manifest_fingerprint") != ctx.ids.manifest_fingerprint or \
+            receipt.get("parameter_hash") != ctx.ids.parameter_hash:
+        raise InputError("E_PATH_EMBED_MISMATCH", "S0 receipt identities differ from this run's", path=rp,
+                         detail={"receipt": {k: receipt.get(k) for k in ("manifest_fingerprint", "parameter_hash")}})
     M = rng.master_material("1A", ctx.ids.fingerprint_bytes, ctx.ids.seed)
     k_root, hi_root, lo_root = rng.root(M)
     logs = RngLogs(ctx.data_root, "1A", ctx.ids, ctx.config)
-    logs.write_audit(algorithm=rng.ALGORITHM, build_commit=resolved.code_digest_hex,
-                     code_digest=resolved.code_digest_hex, rng_key=int(k_root), rng_counter_hi=int(hi_root),
-                     rng_counter_lo=int(lo_root))
+    logs.write_audit(algorithm=rng.ALGORITHM, build_commit=receipt["code_digest"], code_digest=receipt["code_digest"],
+                     rng_key=int(k_root), rng_counter_hi=int(hi_root), rng_counter_lo=int(lo_root))
     z = np.zeros(1, dtype=np.uint64)
     logs.add_events(ANCHOR_FAMILY, MODULE, ANCHOR_LABEL,
                     {"before_hi": z, "before_lo": z, "after_hi": z, "after_lo": z, "blocks": z, "draws": z})

@@ -337,7 +337,8 @@ def run(ctx) -> None:
     inp.check_coefficients_aligned(hc, dc)
     dm = inp.read_design_matrix(ctx)
     mid_all = np.asarray(dm.column("merchant_id").to_numpy(), dtype=np.uint64)
-    ev = rnglog.read_events(ctx.data_root, ctx.ids, "hurdle_bernoulli")
+    ev = rnglog.read_events(ctx.data_root, ctx.ids, "hurdle_bernoulli", columns=["merchant_id", "is_multi"],
+                            config=ctx.config)
     multi = multi_site_merchants(ev, mid_all, path=ctx.path("rng_event", family="hurdle_bernoulli"))
     sel = np.flatnonzero(multi)
     mid = mid_all[sel]

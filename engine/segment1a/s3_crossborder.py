@@ -1137,7 +1137,12 @@ def read_partition_columns(ctx, dataset_id: str, columns: Sequence[str], code_mi
         tables.append(pq.read_table(p, columns=[c for c in cols if c in names], read_dictionary=dict_cols))
     t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     if "parameter_hash" in t.column_names and t.num_rows:
-        ph = pc.unique(pc.cast(t["parameter_hash"], pa.string())).to_pylist()
+        col = _one_array(t["parameter_hash"])
+        if pa.types.is_dictionary(col.type):  # distinct values without materialising the column
+            used = np.unique(np.asarray(pc.fill_null(col.indices, 0).to_numpy(zero_copy_only=False)))
+            ph = sorted(set(col.dictionary.take(pa.array(used)).to_pylist()) | ({None} if col.null_count else set()))
+        else:
+            ph = pc.unique(col).to_pylist()
         if ph != [ctx.ids.parameter_hash]:
             raise InputError("ERR_S3_PARTITION_MISMATCH", f"{dataset_id} embeds a parameter_hash different from its path",
                              path=d, rows=[str(x) for x in ph[:10]])
@@ -1226,41 +1231,6 @@ def compute_lanes(cand: pa.Table, n_mid: np.ndarray, n_val: np.ndarray, iso_list
     return out
 
 
-def _read_priors(ctx, cand: pa.Table) -> np.ndarray:
-    """w⋄ per candidate row (aligned with ``cand``) from the published ``s3_base_weight_priors``.
-    The fixed-dp strings parse back to w⋄ exactly (nearest binary64); only the distinct strings are parsed."""
-    iso = tuple(sorted(set(pc.unique(pc.cast(cand["country_iso"], pa.string())).to_pylist())))
-    pt = read_partition_columns(ctx, "s3_base_weight_priors", ["merchant_id", "country_iso", "base_weight_dp"],
-                                "ERR_S3_AUTHORITY_MISSING")
-    if pt.num_rows != cand.num_rows:
-        raise InputError("ERR_S3_AUTHORITY_MISSING", "s3_base_weight_priors does not cover s3_candidate_set",
-                         path=ctx.path("s3_base_weight_priors"))
-    # both tables have the same (merchant, country) keys: align by sorting both on (merchant, country code)
-    def keyed(t):
-        mid = np.asarray(t["merchant_id"].to_numpy(zero_copy_only=False), dtype=np.uint64)
-        code, bad = _codes(t["country_iso"], iso)
-        return mid, code, bad
-    cm, cc, _ = keyed(cand)
-    pm, pcode, bad = keyed(pt)
-    if bad:
-        raise InputError("ERR_S3_AUTHORITY_MISSING", "priors name countries outside the candidate set", rows=bad)
-    po = np.lexsort((pcode, pm))
-    co = np.lexsort((cc, cm))
-    if not (np.array_equal(pm[po], cm[co]) and np.array_equal(pcode[po], cc[co])):
-        raise InputError("ERR_S3_AUTHORITY_MISSING", "s3_base_weight_priors keys differ from s3_candidate_set",
-                         path=ctx.path("s3_base_weight_priors"))
-    bw = _one_array(pt["base_weight_dp"])
-    if pa.types.is_dictionary(bw.type):
-        vals = np.array([float(x) for x in bw.dictionary.to_pylist()], dtype=np.float64)
-        w = vals[np.asarray(bw.indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
-    else:
-        u, inv = np.unique(np.asarray(bw.to_numpy(zero_copy_only=False), dtype=str), return_inverse=True)
-        w = np.array([float(x) for x in u], dtype=np.float64)[inv.reshape(-1)]
-    out = np.empty(cand.num_rows, dtype=np.float64)
-    out[co] = w[po]
-    return out
-
-
 def run_lanes(ctx) -> None:
     """Seed-scoped lanes of S3 (need N): ``s3_integerised_counts`` and ``s3_site_sequence`` when enabled."""
     opts = _options(ctx)
@@ -1271,7 +1241,11 @@ def run_lanes(ctx) -> None:
     cand = read_candidate_set(ctx)
     priors = None
     if bw is not None:
-        priors = _read_priors(ctx, cand)
+        # w⋄ is a pure function of (is_home, candidate_rank) and the sealed base-weight policy, whose bytes are in
+        # this run's parameter_hash (the path token of s3_base_weight_priors): recomputing it here gives exactly
+        # the published values (test: published strings parse back to these floats) without a 2-table join.
+        priors, _ = base_weight_priors(bw, np.asarray(cand["is_home"].to_numpy(zero_copy_only=False), dtype=bool),
+                                       np.asarray(cand["candidate_rank"].to_numpy(zero_copy_only=False), dtype=np.int64))
     n_mid, n_val = n_outlets_by_merchant(ctx)
     res = compute_lanes(cand, n_mid, n_val, iso_list, priors, th, bounds, bool(opts.get("s3_sequencing")))
     ph, fp = ctx.ids.parameter_hash, ctx.ids.manifest_fingerprint

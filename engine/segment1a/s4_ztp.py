@@ -344,11 +344,13 @@ def gather_inputs(ctx) -> dict:
         if parts and policy.feature_id not in pq.ParquetFile(parts[0]).schema_arrow.names:
             raise InputError("POLICY_INVALID", f"crossborder_features has no column {policy.feature_id!r}", path=fpath)
         ft = _read_param_table(ctx, "crossborder_features", ["merchant_id", policy.feature_id])
-        f_mid, f_val = _unique_by_merchant(_np(ft["merchant_id"], np.uint64),
-                                           _np(pc.fill_null(pc.cast(ft[policy.feature_id], pa.float64()), np.nan), np.float64),
+        fcol = pc.cast(ft[policy.feature_id], pa.float64())
+        present = ~_np(pc.is_null(fcol), bool)  # a null feature counts as absent (x_default); NaN fails below
+        f_mid, f_val = _unique_by_merchant(_np(ft["merchant_id"], np.uint64)[present],
+                                           _np(pc.drop_null(fcol), np.float64),
                                            "crossborder_features row", "POLICY_INVALID")
         xv, has_x = _lookup(f_mid, scope, f_val)
-        X = np.where(has_x & ~np.isnan(xv), xv, X)
+        X = np.where(has_x, xv, X)
     badx = ~np.isfinite(X) | (X < 0.0) | (X > 1.0)
     if badx.any():  # §4.3.1: fail closed rather than clamp
         raise InputError("POLICY_INVALID", "openness feature outside [0, 1]", path=fpath,

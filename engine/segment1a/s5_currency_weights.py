@@ -813,11 +813,10 @@ def _iso_set(ctx) -> set[str]:
 
 def _merchants(ctx) -> tuple[np.ndarray, Any, str]:
     """The run's merchant universe: S0's ``hurdle_design_matrix`` (after any decision-11 drop)."""
-    from engine.segment1a import inputs
+    from engine.segment1a.s6_foreign_selection import iso_strings, read_merchant_homes
 
-    tbl = inputs.read_design_matrix(ctx)
-    mid = tbl.column("merchant_id").to_numpy().astype(np.uint64, copy=False)
-    return mid, tbl.column("home_country_iso"), str(ctx.path("hurdle_design_matrix"))
+    mid, home = read_merchant_homes(ctx)
+    return mid, iso_strings(home), str(ctx.path("hurdle_design_matrix"))
 
 
 def run(ctx) -> None:

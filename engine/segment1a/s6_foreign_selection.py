@@ -226,6 +226,53 @@ def col_bool(tbl: pa.Table, name: str) -> np.ndarray:
     return a.to_numpy(zero_copy_only=False).astype(bool)
 
 
+def read_columns(directory, columns: list[str]) -> pa.Table:
+    """Only ``columns`` of a partition's ``part-*.parquet`` files (same file rules as
+    ``publish.read_parquet_dir``: part files in name order). Reading the few columns a state needs
+    keeps list columns such as S3's ``reason_codes`` off the hot path."""
+    import pyarrow.parquet as pq
+
+    from engine.core import publish
+
+    d = Path(directory)
+    if not d.is_dir():
+        return publish.read_parquet_dir(d)  # raises E_PARTITION_MISSING
+    parts = sorted(p for p in d.iterdir() if p.name.startswith("part-") and p.name.endswith(".parquet"))
+    if not parts:
+        return publish.read_parquet_dir(d)
+    try:
+        tables = [pq.ParquetFile(p).read(columns=columns) for p in parts]
+    except (KeyError, pa.ArrowInvalid) as e:
+        raise InputError("E_SCHEMA_INVALID", f"columns {columns} not readable: {e}", path=d) from e
+    missing = [c for c in columns if c not in tables[0].column_names]
+    if missing:
+        raise InputError("E_SCHEMA_INVALID", f"columns missing: {missing}", path=d)
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def read_merchant_homes(ctx) -> tuple[np.ndarray, np.ndarray]:
+    """The run's merchant universe from S0's ``hurdle_design_matrix`` (after any decision-11 drop):
+    (merchant_id ascending, home ISO code). Checks the embedded ``parameter_hash`` (read discipline)."""
+    path = ctx.path("hurdle_design_matrix")
+    t = read_columns(path, ["merchant_id", "home_country_iso", "parameter_hash"])
+    if t.num_rows:
+        ph = pc.unique(t.column("parameter_hash")).to_pylist()
+        if ph != [ctx.ids.parameter_hash]:
+            raise InputError("E_PARTITION_MISMATCH", "embedded parameter_hash differs from the path token", path=path,
+                             rows=[str(x) for x in ph[:10]])
+    mid = col_u64(t, "merchant_id")
+    try:
+        home = iso_codes(t.column("home_country_iso"))
+    except ValueError as e:
+        raise InputError("E_SCHEMA_INVALID", f"home_country_iso: {e}", path=path) from e
+    o = np.argsort(mid, kind="stable")
+    mid, home = mid[o], home[o]
+    if mid.shape[0] > 1 and np.any(mid[1:] == mid[:-1]):
+        raise InputError("E_DUP_PK", "duplicate merchant_id in hurdle_design_matrix", path=path,
+                         rows=[int(x) for x in np.unique(mid[1:][mid[1:] == mid[:-1]])[:10]])
+    return mid, home
+
+
 def read_family(ctx, family: str, required: bool = True) -> pa.Table | None:
     """RNG events of one family of this run (``rnglog.read_events``); ``None`` when absent."""
     from engine.core import rnglog
@@ -282,10 +329,8 @@ def load_candidate_set(ctx):
     Returns (merchant_id u64, iso code int16, candidate_rank int64, is_home bool) and checks
     one home per merchant at rank 0 (E_UPSTREAM_GATE otherwise).
     """
-    from engine.core import publish
-
     path = ctx.path("s3_candidate_set")
-    t = publish.read_parquet_dir(path)
+    t = read_columns(path, ["merchant_id", "country_iso", "candidate_rank", "is_home"])
     mid = col_u64(t, "merchant_id")
     try:
         iso = iso_codes(t.column("country_iso"))
@@ -619,26 +664,26 @@ def _weights_lookup(wt: pa.Table) -> tuple[list[str], dict[str, int], np.ndarray
 def merchant_kappa(ctx, merchants: np.ndarray, cidx: dict[str, int]) -> np.ndarray:
     """κ index per merchant from ``merchant_currency`` (§3.1: missing -> E_UPSTREAM_GATE,
     κ without weights -> E_S5_CONTENT)."""
-    from engine.segment1a.s5_currency_weights import read_merchant_currency
-
-    mc = read_merchant_currency(ctx)
+    path = ctx.path("merchant_currency")
+    mc = read_columns(path, ["merchant_id", "kappa"])
     mid = col_u64(mc, "merchant_id")
-    kap = [str(x) for x in mc.column("kappa").to_pylist()]
+    enc = _as_array(mc.column("kappa")).dictionary_encode()
+    words = [str(x) for x in enc.dictionary.to_pylist()]
+    code = np.array([cidx.get(w, -1) for w in words], dtype=np.int64)
+    kidx = code[enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)] if len(words) else np.zeros(0, np.int64)
     o = np.argsort(mid, kind="stable")
-    mid = mid[o]
-    kap_arr = np.array(kap, dtype=object)[o]
+    mid, kidx = mid[o], kidx[o]
     pos, found = lookup(mid, merchants)
     if not np.all(found):
-        raise InputError("E_UPSTREAM_GATE", "merchants without a merchant_currency row",
-                         path=ctx.path("merchant_currency"), rows=[int(x) for x in merchants[~found][:10]])
-    ks = kap_arr[pos]
-    uk = sorted(set(ks.tolist()))
-    missing = [k for k in uk if k not in cidx]
-    if missing:
-        bad = np.isin(ks, missing)
-        raise InputError("E_S5_CONTENT", "merchant currencies missing from the S5 weights cache",
-                         rows=[f"{int(m)}: {k}" for m, k in zip(merchants[bad][:10], ks[bad][:10])])
-    return np.array([cidx[k] for k in ks.tolist()], dtype=np.int64) if ks.size else np.zeros(0, np.int64)
+        raise InputError("E_UPSTREAM_GATE", "merchants without a merchant_currency row", path=path,
+                         rows=[int(x) for x in merchants[~found][:10]])
+    k = kidx[pos] if pos.shape[0] else np.zeros(0, np.int64)
+    if np.any(k < 0):
+        bad = np.nonzero(k < 0)[0][:10]
+        raise InputError("E_S5_CONTENT", "merchant currencies missing from the S5 weights cache", path=path,
+                         rows=[int(merchants[i]) for i in bad],
+                         detail={"currencies": sorted(w for w in words if w not in cidx)})
+    return k
 
 
 def run(ctx) -> None:
@@ -654,7 +699,7 @@ def run(ctx) -> None:
     c_mid, c_iso, c_rank, c_home = load_candidate_set(ctx)
 
     # gates (§3.1)
-    el = publish.read_parquet_dir(ctx.path("crossborder_eligibility_flags"))
+    el = read_columns(ctx.path("crossborder_eligibility_flags"), ["merchant_id", "is_eligible"])
     e_mid = col_u64(el, "merchant_id")
     e_ok = col_bool(el, "is_eligible")
     o = np.argsort(e_mid, kind="stable")

@@ -40,6 +40,7 @@ from engine.segment1a.s6_foreign_selection import (
     merchant_u64_rows,
     position_in_group,
     read_family,
+    read_merchant_homes,
     segment_sum,
 )
 
@@ -293,17 +294,26 @@ def allocate(
 
 def _merchant_homes(ctx) -> tuple[np.ndarray, np.ndarray]:
     """The run's merchants (ascending) with their home ISO code: S0's ``hurdle_design_matrix``."""
-    from engine.segment1a import inputs
+    return read_merchant_homes(ctx)
 
-    tbl = inputs.read_design_matrix(ctx)
-    mid = col_u64(tbl, "merchant_id")
-    home = iso_codes(tbl.column("home_country_iso"))
-    o = np.argsort(mid, kind="stable")
-    return mid[o], home[o]
+
+def multi_site(merchants: np.ndarray, nb_mid: np.ndarray) -> np.ndarray:
+    """S1 outcome per merchant, as the presence of an ``nb_final``.
+
+    S2 writes exactly one ``nb_final`` for every merchant the hurdle made multi-site and stops the
+    run otherwise (decision 8), so this equals ``hurdle_bernoulli.is_multi`` without parsing one
+    hurdle event per merchant; S9 re-checks the equivalence (``E_S2_FINAL_MISSING_OR_DUP``).
+    """
+    _, found = lookup(nb_mid, merchants)
+    _, known = lookup(merchants, nb_mid)
+    if not np.all(known):
+        raise InputError("E_UPSTREAM_MISSING", "nb_final for a merchant outside the run's merchant universe",
+                         rows=[int(x) for x in nb_mid[~known][:10]])
+    return found
 
 
 def load_is_multi(ctx, merchants: np.ndarray) -> np.ndarray:
-    """S1 outcome per merchant (every merchant must have exactly one hurdle event)."""
+    """S1 outcome from the ``hurdle_bernoulli`` events (one per merchant); kept for validators/tests."""
     t = read_family(ctx, "hurdle_bernoulli")
     mid = col_u64(t, "merchant_id")
     im = col_bool(t, "is_multi")
@@ -468,8 +478,8 @@ def run(ctx) -> None:
     wt = read_weights(ctx)  # S5 gate
     curs, cidx, w_keys, w_vals = _weights_lookup(wt)
     merchants, home = _merchant_homes(ctx)
-    is_multi = load_is_multi(ctx, merchants)
     nb_mid, nb_N = load_nb_final(ctx)
+    is_multi = multi_site(merchants, nb_mid)
     z_mid, z_K = load_ztp_final(ctx)
     aborted = load_aborted(ctx)
     cand = load_candidate_set(ctx)

@@ -37,6 +37,7 @@ from engine.segment1a.s6_foreign_selection import (
     load_ztp_final,
     lookup,
     merchant_u64_rows,
+    read_columns,
 )
 
 MODULE = "1A.site_id_allocator"
@@ -133,15 +134,12 @@ def run(ctx) -> None:
     from engine.core import publish, rng, rnglog
     from engine.core.schema import arrow_schema, validate_table
     from engine.segment1a.s6_foreign_selection import read_membership
-    from engine.segment1a.s7_allocation import _merchant_homes, load_aborted, load_is_multi
+    from engine.segment1a.s7_allocation import _merchant_homes, load_aborted, multi_site
 
     merchants, home = _merchant_homes(ctx)
-    is_multi = load_is_multi(ctx, merchants)
     nb_mid, nb_N = load_nb_final(ctx)
-    pos, found = lookup(nb_mid, merchants)
-    if np.any(is_multi & ~found):
-        raise InputError("E_COUNTS_SOURCE_MISSING", "multi-site merchants without nb_final",
-                         rows=[int(x) for x in merchants[is_multi & ~found][:10]])
+    is_multi = multi_site(merchants, nb_mid)  # single_vs_multi_flag (S1 outcome)
+    pos, _ = lookup(nb_mid, merchants)
     N_of = np.where(is_multi, nb_N[pos] if nb_N.shape[0] else 1, 1).astype(np.int64)
     aborted = load_aborted(ctx)
     z_mid, _ = load_ztp_final(ctx)
@@ -154,7 +152,7 @@ def run(ctx) -> None:
     mem_key = np.sort(mi_m[mf].astype(np.int64) * 676 + m_iso[mf].astype(np.int64))
 
     path_h = ctx.path("s7_integer_allocation")
-    h = publish.read_parquet_dir(path_h)
+    h = read_columns(path_h, ["merchant_id", "country_iso", "count", "is_home"])
     h_mid = col_u64(h, "merchant_id")
     h_iso = iso_codes(h.column("country_iso"))
     h_cnt = col_i64(h, "count")

@@ -9,7 +9,9 @@ failures in ``s9_summary.json``), a failure record goes under ``validation_failu
 
 Public API
 ----------
-* ``validate(ctx) -> Result(passed, failures, bundle_files)`` — pure (reads, never writes).
+* ``validate(ctx) -> Result(passed, failures, bundle_files)`` — reads only, never writes; ``failures`` is a list
+  of ``{code, detail, rows (first 10), count, scope, dataset_id?}``, ``bundle_files`` maps every bundle file
+  name except ``index.json`` / ``_passed.flag`` (written by ``bundle.write_bundle``) to its bytes.
 * ``run(ctx)`` — validate, publish the bundle (+flag on PASS), on FAIL record + raise.
 * ``verify_1a_gate(data_root, ids, config=None) -> Path`` — consumer gate (00-core §5.3, decision 27):
   verifies the bundle + flag with ``bundle.verify_bundle`` and re-hashes the ``outlet_catalogue`` files
@@ -368,12 +370,24 @@ def canonical_jsonl(rows: Iterable[Any]) -> bytes:
 # ==================================================================================================
 
 
-def check_rng_envelopes(events: dict[str, pd.DataFrame], ids, fails: Failures) -> None:
+def family_table(families: dict | None) -> tuple[dict[str, set[tuple[str, str]]], frozenset]:
+    """(family -> registered (module, label) pairs, non-consuming families) from the dictionary's RNG family
+    table (1A-S1-S4 §0: validators derive these from the dictionary); the frozen literals when absent."""
+    if not families:
+        return REGISTERED, NONCONSUMING
+    pairs = {f: {(str(x["module"]), str(x["substream_label"])) for x in (spec.get("streams") or [])}
+             for f, spec in families.items()}
+    nonc = frozenset(f for f, spec in families.items() if spec.get("consuming") is False)
+    return pairs, nonc
+
+
+def check_rng_envelopes(events: dict[str, pd.DataFrame], ids, fails: Failures, families: dict | None = None) -> None:
     """Per-event envelope law over every family (00-core §3.6, 1A-S5-S9 §6.2 RNG group):
     path<->embed equality, registered module/label, blocks == after - before, non-consuming rows,
     fixed budgets and duplicate event identities."""
     tok = {"seed": str(ids.seed), "parameter_hash": ids.parameter_hash, "run_id": ids.run_id,
            "manifest_fingerprint": ids.manifest_fingerprint}
+    registered, nonconsuming = family_table(families)
     for fam in sorted(events):
         df = events[fam]
         if len(df) == 0:
@@ -389,7 +403,7 @@ def check_rng_envelopes(events: dict[str, pd.DataFrame], ids, fails: Failures) -
                 fails.frame("E_PATH_EMBED_MISMATCH", f"rng_event {fam}: embedded {name} != {want}",
                             _envelope_rows(df[badm], extra=[name]), dataset_id=f"rng_event_{fam}")
         # --- registered module / label pairs
-        pairs = REGISTERED.get(fam, set())
+        pairs = registered.get(fam, set())
         combo = df["module"].to_numpy().astype(str).astype(object) + "|" + \
             df["substream_label"].to_numpy().astype(str).astype(object)
         badmask = ~pd.Series(combo).isin([f"{m}|{lab}" for m, lab in sorted(pairs)]).to_numpy()
@@ -403,7 +417,7 @@ def check_rng_envelopes(events: dict[str, pd.DataFrame], ids, fails: Failures) -
         blocks = df["blocks"].to_numpy().astype(np.uint64)
         draws = df["draws_u64"].to_numpy()
         # --- non-consuming families
-        if fam in NONCONSUMING:
+        if fam in nonconsuming:
             same = (df["rng_counter_after_hi"].to_numpy() == df["rng_counter_before_hi"].to_numpy()) & (
                 df["rng_counter_after_lo"].to_numpy() == df["rng_counter_before_lo"].to_numpy())
             strd = np.asarray([str(v) == "0" for v in df["draws"].to_numpy()], dtype=bool)
@@ -1849,18 +1863,16 @@ def _structural(ctx, L: _Loaded, fails: Failures, iso: set[str] | None) -> dict[
         if ds == "outlet_catalogue" and set(entry.partitioning) != {"seed", "manifest_fingerprint"}:
             fails.add("E_PARTITION_MISPLACED", "outlet_catalogue must be partitioned by seed and fingerprint only "
                       "(run_id never on egress)", [list(entry.partitioning)], dataset_id=ds)
-        if ds not in ("outlet_catalogue",):
-            if "seed" in df.columns and "seed" not in ptok and "run_id" not in ptok:
-                pass  # a seed column on a seed-less partition cannot be compared; the schema governs it
         check_embed(df, {k: v for k, v in ptok.items() if k in tok}, ds, fails)
         check_pk(df, pk, ds, fails)
         if iso is not None:
             check_fk_iso(df, iso, ds, fails)
-    for ds in ("s0_gate_receipt_1A", "sealed_inputs_1A"):
+    for ds in JSON_DATASETS:
         doc = L.docs.get(ds)
         if doc is None:
-            fails.add("E_PARTITION_MISPLACED", f"{ds}: missing at its dictionary path",
-                      [_rel(ctx, L.dirs[ds]) if ds in L.dirs else ds], dataset_id=ds)
+            if ds != "s6_receipt":  # the S6 receipt is checked where the membership surface is used
+                fails.add("E_PARTITION_MISPLACED", f"{ds}: missing at its dictionary path",
+                          [_rel(ctx, L.dirs[ds]) if ds in L.dirs else ds], dataset_id=ds)
             continue
         try:
             sp = D.schema_path(ds)
@@ -1874,7 +1886,8 @@ def _structural(ctx, L: _Loaded, fails: Failures, iso: set[str] | None) -> dict[
             if probs:
                 fails.add("E_SCHEMA_INVALID", f"{ds}: record violates {sp.name}", probs, dataset_id=ds)
         if isinstance(doc, dict):
-            for k, want in (("manifest_fingerprint", ids.manifest_fingerprint), ("parameter_hash", ids.parameter_hash)):
+            for k, want in (("manifest_fingerprint", ids.manifest_fingerprint), ("parameter_hash", ids.parameter_hash),
+                            ("seed", str(ids.seed)), ("run_id", ids.run_id)):
                 if k in doc and str(doc[k]) != want:
                     fails.add("E_PATH_EMBED_MISMATCH", f"{ds}: {k} != {want}", [doc[k]], dataset_id=ds)
     # RNG event rows against their family schemas (when the contracts provide them)
@@ -1960,7 +1973,7 @@ def validate(ctx) -> Result:
     empty = pd.DataFrame()
     E = L.events
     # ---- RNG envelope, trace, audit (+ rnglog's own reconciliation)
-    check_rng_envelopes(E, ids, fails)
+    check_rng_envelopes(E, ids, fails, _dictionary(ctx.config).families())
     acct = check_trace(E, L.trace, L.audit, ids, fails)
     _reconcile(ctx, fails)
     # ---- S1: cardinality, equivalence chain, Philox replay of every stochastic hurdle draw

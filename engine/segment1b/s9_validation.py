@@ -74,7 +74,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.core import bundle as bundle_mod
-from engine.core import dictionary, identities, publish, rnglog
+from engine.core import dictionary, identities, rnglog
 from engine.core.errors import EngineError, GateError, ValidationFailure
 from engine.core.publish import canonical_json_bytes
 from engine.core.schema import arrow_schema, load_schema, validate_table
