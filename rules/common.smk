@@ -50,6 +50,12 @@ def jlog(segment, state, ids):
     return f"logs/jobs/{segment}/{state}/seed={ids.seed}/fingerprint={ids.manifest_fingerprint}.log"
 
 
+def done(segment, state, ids):
+    """Completion marker of a state whose outputs are RNG logs (written by run_state.py on success)."""
+    return (f"logs/states/{segment}/{state}/seed={ids.seed}/parameter_hash={ids.parameter_hash}/"
+            f"run_id={ids.run_id}/done")
+
+
 def bench(segment, state, ids):
     return f"logs/benchmarks/{segment}/{state}/seed={ids.seed}/fingerprint={ids.manifest_fingerprint}.tsv"
 

@@ -36,13 +36,13 @@ rule s1a_s0_rng_anchor:
         receipt=rules.s1a_s0_foundations.output.receipt,
     output:
         audit=p1a("rng_audit_log"),
-        anchor=ev1a("anchor"),
+        done=done("1A", "s0_anchor", IDS_1A),
     log:
         jlog("1A", "s0_anchor", IDS_1A),
     params:
         ctx=CTX_1A,
     shell:
-        "{RUN_STATE} 1A.S0.anchor {params.ctx:q} 2> {log:q}"
+        "{RUN_STATE} 1A.S0.anchor {params.ctx:q} {output.done:q} 2> {log:q}"
 
 
 rule s1a_s1_hurdle:
@@ -52,7 +52,7 @@ rule s1a_s1_hurdle:
         design=rules.s1a_s0_foundations.output.design,
         audit=rules.s1a_s0_rng_anchor.output.audit,
     output:
-        events=ev1a("hurdle_bernoulli"),
+        done=done("1A", "s1", IDS_1A),
     log:
         jlog("1A", "s1", IDS_1A),
     benchmark:
@@ -60,18 +60,16 @@ rule s1a_s1_hurdle:
     params:
         ctx=CTX_1A,
     shell:
-        "{RUN_STATE} 1A.S1 {params.ctx:q} 2> {log:q}"
+        "{RUN_STATE} 1A.S1 {params.ctx:q} {output.done:q} 2> {log:q}"
 
 
 rule s1a_s2_nb_outlets:
     """S2: negative-binomial outlet count N >= 2 for multi-site merchants."""
     input:
-        hurdle=rules.s1a_s1_hurdle.output.events,
+        hurdle=rules.s1a_s1_hurdle.output.done,
         design=rules.s1a_s0_foundations.output.design,
     output:
-        gamma=ev1a("gamma_component"),
-        poisson=ev1a("poisson_component", 0),
-        final=ev1a("nb_final"),
+        done=done("1A", "s2", IDS_1A),
     log:
         jlog("1A", "s2", IDS_1A),
     benchmark:
@@ -79,7 +77,7 @@ rule s1a_s2_nb_outlets:
     params:
         ctx=CTX_1A,
     shell:
-        "{RUN_STATE} 1A.S2 {params.ctx:q} 2> {log:q}"
+        "{RUN_STATE} 1A.S2 {params.ctx:q} {output.done:q} 2> {log:q}"
 
 
 rule s1a_s3_candidates:
@@ -106,7 +104,7 @@ if S3_LANES:
         """S3 optional lanes that need N: integerised counts and site sequence."""
         input:
             candidates=rules.s1a_s3_candidates.output.candidates,
-            final=rules.s1a_s2_nb_outlets.output.final,
+            final=rules.s1a_s2_nb_outlets.output.done,
         output:
             counts=(
                 directory(p1a("s3_integerised_counts"))
@@ -127,16 +125,13 @@ if S3_LANES:
 rule s1a_s4_ztp:
     """S4: zero-truncated Poisson foreign-count target K_target (logs only)."""
     input:
-        final=rules.s1a_s2_nb_outlets.output.final,
+        final=rules.s1a_s2_nb_outlets.output.done,
         candidates=rules.s1a_s3_candidates.output.candidates,
         features=rules.s1a_s0_foundations.output.features,
         eligibility=rules.s1a_s0_foundations.output.eligibility,
     output:
-        poisson=ev1a("poisson_component", 1),
-        rejection=ev1a("ztp_rejection"),
-        exhausted=ev1a("ztp_retry_exhausted"),
-        final=ev1a("ztp_final"),
         metrics=p1a("s4_metrics_log"),
+        done=done("1A", "s4", IDS_1A),
     log:
         jlog("1A", "s4", IDS_1A),
     benchmark:
@@ -144,7 +139,7 @@ rule s1a_s4_ztp:
     params:
         ctx=CTX_1A,
     shell:
-        "{RUN_STATE} 1A.S4 {params.ctx:q} 2> {log:q}"
+        "{RUN_STATE} 1A.S4 {params.ctx:q} {output.done:q} 2> {log:q}"
 
 
 rule s1a_s5_currency_weights:
@@ -168,12 +163,12 @@ rule s1a_s5_currency_weights:
 rule s1a_s6_foreign_selection:
     """S6: Gumbel-top-k selection of K foreign countries."""
     input:
-        ztp=rules.s1a_s4_ztp.output.final,
+        ztp=rules.s1a_s4_ztp.output.done,
         candidates=rules.s1a_s3_candidates.output.candidates,
         weights=rules.s1a_s5_currency_weights.output.weights,
         merchant_currency=rules.s1a_s5_currency_weights.output.merchant_currency,
     output:
-        events=ev1a("gumbel_key"),
+        done=done("1A", "s6", IDS_1A),
         membership=directory(p1a("s6_membership")),
         receipt=directory(p1a("s6_receipt")),
     log:
@@ -183,17 +178,17 @@ rule s1a_s6_foreign_selection:
     params:
         ctx=CTX_1A,
     shell:
-        "{RUN_STATE} 1A.S6 {params.ctx:q} 2> {log:q}"
+        "{RUN_STATE} 1A.S6 {params.ctx:q} {output.done:q} 2> {log:q}"
 
 
 rule s1a_s7_allocation:
     """S7: integer allocation of N over home and selected foreign countries."""
     input:
         membership=rules.s1a_s6_foreign_selection.output.membership,
-        final=rules.s1a_s2_nb_outlets.output.final,
+        final=rules.s1a_s2_nb_outlets.output.done,
         weights=rules.s1a_s5_currency_weights.output.weights,
     output:
-        events=ev1a("residual_rank"),
+        done=done("1A", "s7", IDS_1A),
         allocation=directory(p1a("s7_integer_allocation")),
     log:
         jlog("1A", "s7", IDS_1A),
@@ -202,7 +197,7 @@ rule s1a_s7_allocation:
     params:
         ctx=CTX_1A,
     shell:
-        "{RUN_STATE} 1A.S7 {params.ctx:q} 2> {log:q}"
+        "{RUN_STATE} 1A.S7 {params.ctx:q} {output.done:q} 2> {log:q}"
 
 
 rule s1a_s8_outlet_catalogue:
@@ -211,7 +206,7 @@ rule s1a_s8_outlet_catalogue:
         allocation=rules.s1a_s7_allocation.output.allocation,
     output:
         catalogue=directory(p1a("outlet_catalogue")),
-        events=ev1a("sequence_finalize"),
+        done=done("1A", "s8", IDS_1A),
     log:
         jlog("1A", "s8", IDS_1A),
     benchmark:
@@ -219,14 +214,14 @@ rule s1a_s8_outlet_catalogue:
     params:
         ctx=CTX_1A,
     shell:
-        "{RUN_STATE} 1A.S8 {params.ctx:q} 2> {log:q}"
+        "{RUN_STATE} 1A.S8 {params.ctx:q} {output.done:q} 2> {log:q}"
 
 
 rule s1a_s9_validation:
     """S9: replay validation; the bundle always, _passed.flag only on PASS (the declared output)."""
     input:
         catalogue=rules.s1a_s8_outlet_catalogue.output.catalogue,
-        seq=rules.s1a_s8_outlet_catalogue.output.events,
+        s8=rules.s1a_s8_outlet_catalogue.output.done,
         counts=rules.s1a_s3_lanes.output if S3_LANES else [],
     output:
         flag=FLAG_1A,

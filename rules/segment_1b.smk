@@ -119,7 +119,7 @@ rule s1b_s5_site_tile:
         audit=rules.s1b_s0_rng_anchor.output.audit,
     output:
         assignment=directory(p1b("s5_site_tile_assignment")),
-        events=ev1b("site_tile_assign"),
+        done=done("1B", "s5", IDS_1B),
     log:
         jlog("1B", "s5", IDS_1B),
     benchmark:
@@ -127,17 +127,17 @@ rule s1b_s5_site_tile:
     params:
         ctx=CTX_1B,
     shell:
-        "{RUN_STATE} 1B.S5 {params.ctx:q} 2> {log:q}"
+        "{RUN_STATE} 1B.S5 {params.ctx:q} {output.done:q} 2> {log:q}"
 
 
 rule s1b_s6_jitter:
     """S6: uniform point inside the assigned pixel and inside the country (capped resampling)."""
     input:
         assignment=rules.s1b_s5_site_tile.output.assignment,
-        events=rules.s1b_s5_site_tile.output.events,
+        s5=rules.s1b_s5_site_tile.output.done,
     output:
         jitter=directory(p1b("s6_site_jitter")),
-        events=ev1b("in_cell_jitter"),
+        done=done("1B", "s6", IDS_1B),
     log:
         jlog("1B", "s6", IDS_1B),
     benchmark:
@@ -145,7 +145,7 @@ rule s1b_s6_jitter:
     params:
         ctx=CTX_1B,
     shell:
-        "{RUN_STATE} 1B.S6 {params.ctx:q} 2> {log:q}"
+        "{RUN_STATE} 1B.S6 {params.ctx:q} {output.done:q} 2> {log:q}"
 
 
 rule s1b_s7_synthesis:

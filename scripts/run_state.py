@@ -1,6 +1,10 @@
 """Thin entry point for every Snakemake rule: run one engine state.
 
-    python scripts/run_state.py STATE CONTEXT_JSON   (a JSON string or a file holding it)
+    python scripts/run_state.py STATE CONTEXT_JSON [DONE_MARKER]
+
+CONTEXT_JSON is a JSON string or a file holding it. DONE_MARKER, when given, is written only after
+the state succeeded: rules whose outputs are RNG event logs declare it (an event family may
+legitimately have no rows, and the spec forbids zero-row files).
 
 Builds the RunContext (data root = current directory) and calls the state's function.
 An EngineError is printed (code, file, offending rows) and the process exits with 2.
@@ -29,6 +33,13 @@ def main(argv: list[str]) -> int:
     except EngineError as e:
         print(f"[{state}] FAILED\n{e}", file=sys.stderr, flush=True)
         return 2
+    if len(argv) > 3:
+        marker = Path(argv[3])
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name("." + marker.name + ".tmp")
+        tmp.write_text(f"{state} seed={ctx.ids.seed} parameter_hash={ctx.ids.parameter_hash} "
+                       f"fingerprint={ctx.ids.manifest_fingerprint} run_id={ctx.ids.run_id}\n")
+        tmp.replace(marker)
     print(f"[{state}] done in {time.perf_counter() - t0:.2f}s", file=sys.stderr, flush=True)
     return 0
 

@@ -6,7 +6,6 @@ Spec: 1A-S1-S4 §3 (worked example §3.7), decisions 13 and 28. Tiny fixtures bu
 from __future__ import annotations
 
 import copy
-import itertools
 
 import numpy as np
 import pytest
@@ -295,6 +294,11 @@ def test_integerisation_edge_cases():
     c, rr, st = s3.integerise(np.array([0, 2]), np.array([10]), None, np.array([True, False]), np.array([3, 1], np.int32),
                               np.array([0, 1], np.int32), HEAD_TH, caps=np.array([3, 4]))
     assert st.tolist() == [1]
+    # caps binding below floor(a'): the leftover d exceeds the rows with capacity -> bumps cycle through S
+    c, rr, st = s3.integerise(np.array([0, 3]), np.array([100]), np.array([100.0, 1.0, 1.0]),
+                              np.array([True, False, False]), np.array([3, 1, 2], np.int32), np.arange(3, dtype=np.int32),
+                              s3.UNBOUNDED, caps=np.array([5, 60, 60]))
+    assert st.tolist() == [0] and c.tolist() == [5, 48, 47] and rr.tolist() == [3, 1, 2]
     with pytest.raises(EngineError) as e:
         s3.check_integerisation(np.array([0, 2]), np.array([5]), np.array([2, 2]))
     assert e.value.code == "ERR_S3_INTEGER_SUM_MISMATCH"

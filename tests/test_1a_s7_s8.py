@@ -126,14 +126,39 @@ def test_integerisation_policy_validation_and_dirichlet_refusal():
         {"max_n_outlets": 10, "home_share_min": 0.9}, {"max_n_outlets": 5, "home_share_min": 0.8}]}) == "E_POLICY_SCHEMA"
     p = pol(dirichlet_lane={"enabled": True, "alpha0": 24.0})
     assert p.dirichlet_enabled and p.alpha0 == 24.0
-    assert code_of(s7.refuse_unsupported_lanes, p) == "E_DIRICHLET_LANE_UNSUPPORTED"
-    s7.refuse_unsupported_lanes(pol(dirichlet_lane={"enabled": False}))
+    assert code_of(pol, dirichlet_lane={"enabled": True}) == "E_POLICY_SCHEMA"  # alpha0 required
     default = REPO / "config" / "allocation" / "s7_integerisation_policy.yaml"
     if default.is_file():
         from engine.segment1a.s5_currency_weights import load_strict_yaml
 
         d = s7.parse_integerisation_policy(load_strict_yaml(default, "E_POLICY_SCHEMA"), str(default))
         assert not (d.dirichlet_enabled or d.bounds_enabled or d.home_bias_enabled)  # decision 10
+
+
+def test_dirichlet_lane_matches_scalar_gamma_chain():
+    rng = pytest.importorskip("engine.core.rng")
+    samplers = pytest.importorskip("engine.core.samplers")
+    M = rng.master_material("1A", bytes(range(32)), 9248923)
+    # m 7: D = (GB home .5, DE .3, FR .2); m 8: D = (US) alone; m 9: a zero share -> no event
+    group = np.array([0, 0, 0, 1, 2, 2])
+    merchants = np.array([7, 8, 2**63 + 1], np.uint64)
+    share = np.array([0.5, 0.3, 0.2, 1.0, 1.0, 0.0])
+    iso = codes("GB", "DE", "FR", "US", "IT", "FR")
+    home = np.array([True, False, False, True, True, False])
+    ev = s7.dirichlet_lane(group, merchants, np.array([9, 4, 3]), share, iso, home, 0.8, M)
+    assert ev["merchant_id"].tolist() == [7, 8]
+    assert ev["country_isos"].to_pylist() == [["GB", "DE", "FR"], ["US"]]
+    assert ev["home_country_iso"].to_pylist() == ["GB", "US"]
+    for k, (m, sh) in enumerate([(7, [0.5, 0.3, 0.2]), (8, [1.0])]):
+        key, hi, lo = rng.substream(M, "1A", "dirichlet_gamma_vector", rng.ser_u64(rng.merchant_u64(m)))
+        st = samplers.Stream(key, hi, lo)
+        gs = [samplers.gamma(st, 0.8 * x) for x in sh]  # one stream, counters continue (alpha < 1 boosts)
+        assert ev["gamma_raw"].to_pylist()[k] == gs
+        assert ev["alpha"].to_pylist()[k] == [0.8 * x for x in sh]
+        assert (int(ev["before_hi"][k]), int(ev["before_lo"][k])) == (hi, lo)
+        assert (int(ev["after_hi"][k]), int(ev["after_lo"][k])) == st.counter
+        assert (int(ev["blocks"][k]), int(ev["draws"][k])) == (st.blocks, st.draws)
+        assert abs(sum(ev["weights"].to_pylist()[k]) - 1.0) <= 1e-12
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +242,7 @@ def catalogue_fixture(counts=None):
     s3_key = np.sort(np.array([3 * 676 + c for c in codes("DE", "FR", "IT")]))
     mem_key = np.sort(np.array([3 * 676 + c for c in codes("DE", "FR")]))
     args = (hand.merchant_id, hand.iso, hand.count, hand.is_home, merchants, home, is_multi, N_of,
-            np.array([12, 13], np.uint64), mem_key, s3_key, np.array([14], np.uint64))
+            mem_key, s3_key, np.array([14], np.uint64))
     return hand, args, (merchants, home, is_multi, N_of, mi_all)
 
 
@@ -274,11 +299,11 @@ def test_catalogue_gates():
     assert code_of(s8.check_handoff, *args) == "E_SUM_MISMATCH"
     _, args, _ = catalogue_fixture()
     args = list(args)
-    args[9] = args[9][:1]  # FR no longer a member
+    args[8] = args[8][:1]  # FR no longer a member
     assert code_of(s8.check_handoff, *args) == "E_S3_MEMBERSHIP_MISSING"
     _, args, _ = catalogue_fixture()
     args = list(args)
-    args[11] = np.empty(0, np.uint64)  # 14 not aborted but has no counts
+    args[10] = np.empty(0, np.uint64)  # 14 not aborted but has no counts
     assert code_of(s8.check_handoff, *args) == "E_COUNTS_SOURCE_MISSING"
 
 
@@ -319,7 +344,7 @@ MERCHANTS = {
 }
 
 
-def _ctx(root: Path, tmp: Path):
+def _ctx(root: Path, tmp: Path, s7_policy: str | None = None):
     from engine.core import config as cfgmod
     from engine.core.context import RunContext, SegmentIds
 
@@ -327,6 +352,9 @@ def _ctx(root: Path, tmp: Path):
     (tmp / "shares.csv").write_text(SHARES)
     raw["segment1a"]["parameters"]["settlement_shares.csv"] = str(tmp / "shares.csv")
     raw["segment1a"]["parameters"]["ccy_country_shares.csv"] = str(tmp / "shares.csv")
+    if s7_policy is not None:
+        (tmp / "s7.yaml").write_text(s7_policy)
+        raw["segment1a"]["parameters"]["s7_integerisation_policy.yaml"] = str(tmp / "s7.yaml")
     cfg = cfgmod.resolve(raw, REPO)
     ids = SegmentIds("1A", 9248923, "1" * 64, "2" * 64, "3" * 32)
     return RunContext(root, REPO, cfg, ids)
@@ -473,3 +501,26 @@ def test_s5_to_s8_end_to_end(tmp_path):
     with pytest.raises(EngineError) as ei:
         s6.run(ctx)
     assert ei.value.code == "E_FLAG_HASH_MISMATCH" and str(ei.value).startswith("No PASS -> no read:")
+
+
+def test_dirichlet_lane_end_to_end_does_not_change_counts(tmp_path):
+    pytest.importorskip("engine.core.rnglog")
+    from engine.core import publish, rnglog
+    from engine.segment1a import s5_currency_weights as s5
+
+    base = _ctx(tmp_path / "a", tmp_path)
+    _upstream(base)
+    for mod in (s5, s6, s7):
+        mod.run(base)
+    lane = _ctx(tmp_path / "b", tmp_path, "policy_semver: '0.1.0'\npolicy_version: '2025-10-16'\ndp_resid: 8\n"
+                "dirichlet_lane: {enabled: true, alpha0: 24.0}\nbounds_lane: {enabled: false}\n")
+    _upstream(lane)
+    for mod in (s5, s6, s7):
+        mod.run(lane)
+    a = publish.read_parquet_dir(base.path("s7_integer_allocation"))
+    b = publish.read_parquet_dir(lane.path("s7_integer_allocation"))
+    assert a.equals(b)  # audit lane only (§4.2 step 12)
+    dg = rnglog.read_events(lane.data_root, lane.ids, "dirichlet_gamma_vector").to_pylist()
+    assert [e["merchant_id"] for e in dg] == [3, 4, 5, BIG]  # one per ztp_final merchant (all shares > 0)
+    assert all(abs(sum(e["weights"]) - 1.0) <= 1e-6 and e["country_isos"][0] == e["home_country_iso"] for e in dg)
+    assert rnglog.reconcile(lane.data_root, lane.ids, families=["dirichlet_gamma_vector", "residual_rank"]) == []

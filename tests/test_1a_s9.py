@@ -22,7 +22,7 @@ from engine.core import identities, publish, rng, samplers
 from engine.core.context import RunContext
 from engine.core.errors import GateError, ValidationFailure
 from engine.core.rnglog import RngLogs
-from engine.core.schema import arrow_schema, validate_table
+from engine.core.schema import arrow_schema, validate_record, validate_table
 from engine.segment1a import inputs as inp
 from engine.segment1a import s0_foundations as s0
 from engine.segment1a import s4_ztp
@@ -379,6 +379,7 @@ def _assert_fail(ctx: RunContext, code: str) -> dict:
     assert summary["passed"] is False and summary["run"]["decision"] == "FAIL" and code in summary["failure_codes"]
     rec = json.loads((ctx.path("validation_failures_1A") / "failure.json").read_bytes())
     assert rec["state"] == "S9" and rec["failure_class"] == "F8" and "ts_utc" not in rec
+    assert validate_record(rec, SCHEMAS / "validation_failures_1A.schema.json") == []
     with pytest.raises(GateError) as gi:
         s9.verify_1a_gate(ctx.data_root, ctx.ids)
     assert str(gi.value).startswith("No PASS -> no read:") and gi.value.code == "E_PASS_MISSING"
@@ -396,13 +397,14 @@ def test_pass_writes_flag_and_gate_verifies(tree, tmp_path):
     flag = s9.verify_1a_gate(ctx.data_root, ctx.ids)
     assert flag == bdir / "_passed.flag" and flag.read_text().startswith("sha256_hex = ")
     index = json.loads((bdir / "index.json").read_bytes())
+    assert all(validate_record(e, SCHEMAS / "validation_bundle_1A.schema.json") == [] for e in index)
     paths = [e["path"] for e in index]
     for need in ("MANIFEST.json", "parameter_hash_resolved.json", "manifest_fingerprint_resolved.json",
                  "param_digest_log.jsonl", "fingerprint_artifacts.jsonl", "numeric_policy_attest.json",
                  "rng_accounting.json", "s9_summary.json", "egress_checksums.json", "index.json"):
         assert need in paths
     man = json.loads((bdir / "MANIFEST.json").read_bytes())
-    assert "created_utc_ns" not in man and man["artifact_count"] == len(index)
+    assert "created_utc_ns" not in man and "git_commit" not in man and man["artifact_count"] == len(index)
     assert man["git_commit_hex"] == json.loads((bdir / "manifest_fingerprint_resolved.json").read_bytes())[
         "git_commit_hex"] and len(man["git_commit_hex"]) == 64
     assert man["math_profile_id"] == "test-profile"
@@ -418,6 +420,7 @@ def test_pass_writes_flag_and_gate_verifies(tree, tmp_path):
     s9.run(ctx)
     assert {p.name: p.read_bytes() for p in bdir.iterdir()} == before
     assert s9.validate(ctx).bundle_files == res.bundle_files
+    assert s9.validate(tree).bundle_files == res.bundle_files  # another data root: no location in the bytes
     assert not ctx.path("validation_failures_1A").exists()
     # the gated reader re-checks the embedded identities
     t = s9.read_outlet_catalogue_gated(ctx.data_root, ctx.ids)

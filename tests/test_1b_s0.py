@@ -141,6 +141,19 @@ def out_1b(root: Path) -> Path:
 
 
 # ======================================================================================== tests
+@pytest.fixture(autouse=True, scope="module")
+def frozen_code_digest():
+    """The code digest read once per module: other work on the engine's files while the tests run must not
+    move the 1B fingerprint between the fixture's planning and S0's re-resolution (E_ARTIFACT_RACE)."""
+    from engine.core import identities
+
+    digest = identities.code_digest(REPO)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(identities, "code_digest", lambda root: digest)
+    yield digest
+    mp.undo()
+
+
 @pytest.fixture()
 def env(tmp_path):
     return build_env(tmp_path / "run")

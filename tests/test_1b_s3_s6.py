@@ -20,7 +20,7 @@ from engine.core.errors import InputError, ModelError
 from engine.segment1b import s4_alloc_plan as s4
 from engine.segment1b import s5_site_tile as s5
 from engine.segment1b import s6_jitter as s6
-from test_1b_s0 import NCOLS, POLYGONS, build_env
+from test_1b_s0 import NCOLS, POLYGONS, build_env, frozen_code_digest  # noqa: F401 (autouse fixture)
 
 FP_KAT = "991c57a380d81d7ab9ba4901efb0d0db3eb7a82af59249d7cc71017126622709"
 SEED_KAT = 9248923
@@ -140,6 +140,24 @@ def test_s5_spec_worked_example():
     u = np.array([0.37, 0.82, 0.37, 0.05, 0.41])
     tiles = s5.tiles_for_sites(np.zeros(5, np.int64), u, np.array([7001, 7002, 7005], np.uint64), np.array([2, 1, 2]))
     assert tiles.tolist() == [7001, 7005, 7002, 7001, 7005]
+
+
+def test_s5_kernel_equals_numpy_statement():
+    g = np.random.default_rng(3)
+    for _ in range(100):
+        npairs = int(g.integers(1, 40))
+        rows, N = [], []
+        for p in range(npairs):
+            nt = int(g.integers(1, 5))
+            q = g.integers(1, 4, nt)
+            rows += [(p, t, k) for t, k in zip(np.sort(g.choice(100, nt, replace=False)), q)]
+            N.append(int(q.sum()))
+        pp, pt, pq_ = (np.array([r[i] for r in rows]) for i in range(3))
+        N = np.array(N)
+        u = g.integers(0, 4, N.sum()) / 4 + 0.1  # many ties: the smaller site_order goes first
+        a = s5.tiles_for_sites(np.repeat(np.arange(npairs), N), u, pt.astype(np.uint64), pq_)
+        b = s5.tiles_for_pairs(N, u, pp, pt.astype(np.uint64), pq_)
+        assert a.tolist() == b.tolist()
 
 
 def test_s5_known_answer_and_consecutive_blocks():

@@ -109,18 +109,20 @@ def test_rule_names_include_the_s0_rule():
 # ====================================================================== validate-s9 (in-process, tiny world)
 @pytest.fixture
 def recorded_world(tmp_path, monkeypatch):
-    """The tiny world after S7, S8, S9 (PASS) and the record `run` keeps for validate-s9."""
+    """The tiny world after S7, S8, S9 (PASS) under a complete configuration; S9 leaves the run record that
+    validate-s9 looks up (logs/config/1B/...)."""
     no_gate(monkeypatch)
     ctx = make_ctx(tmp_path / "root")
     build_world(ctx)
-    s7.run(ctx)
-    s8.run(ctx)
-    s9.run(ctx)
     cfg = engine_config.load_yaml(REPO / "config.yaml")
     cfg["segment1b"]["inputs"]["world_countries"] = ctx.config["segment1b"]["inputs"]["world_countries"]
     cfg["segment1b"]["options"].update(ctx.config["segment1b"]["options"])
-    rctx = type(ctx)(ctx.data_root, ctx.repo_root, engine_config.resolve(cfg), ctx.ids, ctx.ids_1a, ctx.extra)
-    cli.write_record(rctx)
+    ctx = type(ctx)(ctx.data_root, ctx.repo_root, engine_config.resolve(cfg), ctx.ids, ctx.ids_1a, ctx.extra)
+    s7.run(ctx)
+    s8.run(ctx)
+    s9.run(ctx)
+    rec = ctx.data_root / cli.RECORD_1B.format(fp=ctx.ids.manifest_fingerprint, seed=ctx.ids.seed)
+    assert json.loads(rec.read_text())["ids_1b"]["run_id"] == ctx.ids.run_id
     return ctx
 
 

@@ -13,8 +13,9 @@ default ``config.yaml``), checks that it resolves to exactly these identities (`
 otherwise), applies the 1B options, and runs the one Snakemake workflow up to the 1B ``_passed.flag``. It prints
 a JSON summary (the 1A identities consumed, the 1B identities, the paths of ``site_locations``, the bundle, the
 flag and the stage log, row counts, S9 failure codes, ``passed``) and exits non-zero unless S9 passed. It keeps
-a record of the resolved 1B run (``logs/config/1B/fingerprint=<fp_1B>/seed=<seed>/segment1b_run.json``) so
-``validate-s9`` can find the run again.
+a record of the resolved 1B run (``logs/config/1B/fingerprint=<fp_1B>/seed=<seed>/segment1b_run.json``; 1B S9
+writes it too, so runs made with snakemake directly have one) so ``validate-s9`` can find the run again, even
+after an engine code change.
 
 ``validate-s9`` re-runs the S9 checks in-process from the stored files (nothing is re-published; an existing
 bundle is compared byte for byte) and prints exactly ``{"passed", "failure_codes", "bundle_path", "flag_path",
@@ -42,7 +43,7 @@ from engine.core.errors import EngineError, IdentityError, GateError
 # Ops records under logs/ (not datasets, never read by a state): where the CLIs keep the resolved configuration
 # of a run so a later command can find it from the run's identities.
 CONFIG_1A = "logs/config/1A/fingerprint={fp}/seed={seed}/config.json"
-RECORD_1B = "logs/config/1B/fingerprint={fp}/seed={seed}/segment1b_run.json"
+RECORD_1B = "logs/config/1B/fingerprint={fp}/seed={seed}/segment1b_run.json"  # = s9_validation.RUN_RECORD
 S0_RULE = "s1b_s0_gate"
 BASES = ("population", "area_m2", "uniform")
 
@@ -137,25 +138,30 @@ def make_context(data_root: Path, cfg: dict, r1a_ids: SegmentIds, ids_1b: Segmen
     return RunContext(data_root, REPO, cfg, ids_1b, ids_1a=r1a_ids, extra=dict(extra))
 
 
-def _ids_record(ids: SegmentIds) -> dict:
-    return {"seed": ids.seed, "parameter_hash": ids.parameter_hash,
-            "manifest_fingerprint": ids.manifest_fingerprint, "run_id": ids.run_id}
-
-
 def write_record(ctx: RunContext) -> Path:
-    """Keep the resolved 1B run (config + identities) for validate-s9 (ops record under logs/)."""
-    p = ctx.data_root / RECORD_1B.format(fp=ctx.ids.manifest_fingerprint, seed=ctx.ids.seed)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"config": ctx.config, "ids_1a": _ids_record(ctx.ids_1a), "ids_1b": _ids_record(ctx.ids),
-           "extra": ctx.extra}
-    tmp = p.with_name(f"_tmp.{p.name}")
-    tmp.write_text(json.dumps(doc, sort_keys=True, indent=1))
-    tmp.replace(p)
-    return p
+    """Keep the resolved 1B run (config + identities) for validate-s9 (S9 writes the same record)."""
+    from engine.segment1b.s9_validation import write_run_record
+
+    return write_run_record(ctx)
 
 
 def _ids_from(d: dict, segment: str) -> SegmentIds:
     return SegmentIds(segment, int(d["seed"]), d["parameter_hash"], d["manifest_fingerprint"], d["run_id"])
+
+
+def _candidate_configs(data_root: Path, fp: str, seed: int):
+    """Stored 1A configurations for ``seed`` (the one at ``fp`` first), then the default configuration."""
+    paths = sorted((data_root / "logs" / "config" / "1A").glob(f"fingerprint=*/seed={seed}/config.json"))
+    first = data_root / CONFIG_1A.format(fp=fp, seed=seed)
+    paths.sort(key=lambda p: p != first)
+    for p in paths:
+        try:
+            cfg = dict(_config_doc(json.loads(p.read_text())))
+            cfg["seed"] = seed
+            yield engine_config.resolve(cfg), str(p)
+        except (ValueError, EngineError):
+            continue
+    yield engine_config.resolve({**default_config(), "seed": seed}), "default config.yaml"
 
 
 def resolve_for_validate(data_root: Path, ph: str, fp: str, seed: int, run_id: str,
@@ -184,27 +190,28 @@ def resolve_for_validate(data_root: Path, ph: str, fp: str, seed: int, run_id: s
         cfg = apply_1b_options(doc["config"], dictionary)
         return make_context(data_root, cfg, _ids_from(doc["ids_1a"], "1A"), _ids_from(doc["ids_1b"], "1B"),
                             doc.get("extra") or {})
-    # no record: resolve from the 1A configuration (stored or default), given 1A or 1B identities
-    cfg1a, r1a, r1b = None, None, None
-    try:
-        cfg1a, r1a, _ = resolve_1a_checked(data_root, ph, fp, seed)
-        r1b = identities.resolve_1b(cfg1a, REPO, r1a, _cache(data_root))
-    except IdentityError as exc:
-        if exc.code != "E_IDENTITY_MISMATCH":
-            raise
-        cause = None
-        try:  # maybe the 1B identities of the default inputs
-            cfg1a = engine_config.resolve({**default_config(), "seed": seed})
+    # no record (e.g. a run made with snakemake directly): try the 1A configurations stored for this seed, then
+    # the default configuration; the given identities may be the 1A ones or the 1B ones of that configuration
+    found = None
+    causes: list[str] = []
+    for cfg1a, source in _candidate_configs(data_root, fp, seed):
+        try:
             r1a = identities.resolve_1a(cfg1a, REPO, _cache(data_root))
+            is_1a = (r1a.parameter_hash, r1a.manifest_fingerprint) == (ph, fp)
             r1b = identities.resolve_1b(cfg1a, REPO, r1a, _cache(data_root))
-        except EngineError as inner:
-            cause, r1b = f"{inner.code}: {inner.message}", None
-        if r1b is None or (r1b.parameter_hash, r1b.manifest_fingerprint) != (ph, fp):
-            raise IdentityError(
-                "E_IDENTITY_MISMATCH", "these identities are neither the 1A nor the 1B identities of a recorded run "
-                "or of the default inputs; pass the identities that segment1a / segment1b run printed",
-                detail={"given": {"parameter_hash": ph, "manifest_fingerprint": fp, "seed": seed},
-                        "default_1B_unresolvable": cause}) from None
+        except EngineError as exc:
+            causes.append(f"{source}: {exc.code}: {exc.message}")
+            continue
+        if is_1a or (r1b.parameter_hash, r1b.manifest_fingerprint) == (ph, fp):
+            found = (cfg1a, r1a, r1b)
+            break
+    if found is None:
+        raise IdentityError(
+            "E_IDENTITY_MISMATCH", "these identities are neither the 1A nor the 1B identities of a recorded run, of a "
+            "stored 1A configuration or of the default inputs; pass the identities that segment1a / segment1b run "
+            "printed", detail={"given": {"parameter_hash": ph, "manifest_fingerprint": fp, "seed": seed},
+                               "unresolvable": causes})
+    cfg1a, r1a, r1b = found
     if r1b.run_id != run_id:
         raise IdentityError("E_RUN_ID_MISMATCH", "--run-id is not the 1B run_id of these identities",
                             rows=[r1b.run_id], detail={"given": run_id})

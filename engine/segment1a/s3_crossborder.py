@@ -34,10 +34,9 @@ that can never match its vocabulary is an error, not a silent no-op).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -1100,23 +1099,23 @@ def run_candidates(ctx) -> None:
     ph, fp = ctx.ids.parameter_hash, ctx.ids.manifest_fingerprint
     midx = np.repeat(np.arange(cs.merchants.size, dtype=np.int64), np.diff(cs.offsets))
     _check_sorted("s3_candidate_set", midx, cs.candidate_rank)
-    priors = None
     if bw is not None:  # everything that can fail is computed before the first publish
         w, s = base_weight_priors(bw, cs.is_home, cs.candidate_rank)
         perm = np.lexsort((cs.country_code, midx))  # writer sort (merchant_id, country_iso); codes sort as ISO A->Z
         _check_sorted("s3_base_weight_priors", midx[perm], cs.country_code[perm])
+    table = cs.table(ph, fp)
+    _publish(ctx, "s3_candidate_set", table)
+    del table  # tables are materialised one at a time (memory at 10^6 merchants)
+    if bw is not None:
         n = cs.merchant_id.shape[0]
-        priors = pa.table({
+        _publish(ctx, "s3_base_weight_priors", pa.table({
             "merchant_id": pa.array(cs.merchant_id[perm], type=pa.uint64()),
             "country_iso": cs.country_iso().take(pa.array(perm)),
             "base_weight_dp": s.take(pa.array(perm)),
             "dp": pa.array(np.full(n, bw.dp, dtype=np.int32), type=pa.int32()),
             "parameter_hash": _const(ph, n),
             "produced_by_fingerprint": _const(fp, n),
-        })
-    _publish(ctx, "s3_candidate_set", cs.table(ph, fp))
-    if priors is not None:
-        _publish(ctx, "s3_base_weight_priors", priors)
+        }))
 
 
 def read_partition_columns(ctx, dataset_id: str, columns: Sequence[str], code_missing: str) -> pa.Table:

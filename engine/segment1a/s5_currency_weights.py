@@ -799,8 +799,9 @@ def _licence(path: str) -> Any:
             except ValueError:
                 return None
             for k in ("licence", "license", "licence_spdx", "license_spdx"):
-                if isinstance(d.get(k), str):
-                    return d[k]
+                v = d.get(k)
+                if isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                    return v
             return None
     return None
 

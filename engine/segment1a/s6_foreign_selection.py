@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numba import njit
 
-from engine.core.errors import EngineError, GateError, InputError, ModelError
+from engine.core.errors import EngineError, InputError, ModelError
 from engine.core.hashing import file_sha256_hex
 from engine.segment1a.s5_currency_weights import (
     FLAG_NAME,
@@ -110,9 +110,12 @@ def iso_strings(codes: np.ndarray) -> pa.Array:
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data.tobytes()))
 
 
+_ISO_WORDS = np.array([chr(65 + c // 26) + chr(65 + c % 26) for c in range(676)], dtype=object)
+
+
 def iso_list(codes: np.ndarray) -> list[str]:
-    codes = np.asarray(codes, dtype=np.int64)
-    return [chr(65 + c // 26) + chr(65 + c % 26) for c in codes.tolist()]
+    """ISO strings of :func:`iso_codes` values as a Python list (what ``rng.substreams_vec`` takes)."""
+    return _ISO_WORDS[np.asarray(codes, dtype=np.int64)].tolist()
 
 
 def fixed_strings(values: np.ndarray, width: int) -> pa.Array:
@@ -595,14 +598,13 @@ def build_frame(
 
 def draw_and_select(frame: S6Frame, M: bytes):
     """One keyed substream + one uniform per row; keys; top-K. Returns dict of row arrays."""
-    from engine.core import rng
+    from engine.core import rng, samplers
 
     mu = merchant_u64_rows(frame.merchants[frame.row_m])  # only merchants that draw
     key, hi, lo = rng.substreams_vec(M, "1A", LABEL, mu, iso=iso_list(frame.row_iso))
-    x0, _x1 = rng.philox_vec(key, hi, lo)
-    u = rng.u01_vec(x0)
-    hi_a, lo_a = rng.add128_vec(hi, lo, np.uint64(1))
-    g = gumbel_keys(frame.row_wt, u)
+    # one block, low lane (blocks 1, draws 1); w̃ = 0 (include mode) still consumes its uniform
+    g, u, hi_a, lo_a = samplers.gumbel_key_vec(key, hi, lo, frame.row_wt)
+    g = np.where(frame.row_wt > 0, g, np.nan)  # key null: never selectable
     if np.any(frame.row_eligible & ~np.isfinite(g)):
         raise ModelError("E_NUMERIC_POLICY", "non-finite Gumbel key for a positive weight")
     sel, order = select_top_k(frame.row_m, g, frame.row_rank, frame.row_iso, frame.K_realized)
@@ -856,5 +858,5 @@ __all__ = [
     "run", "read_membership", "parse_selection_policy", "load_selection_policy", "select_top_k", "gumbel_keys",
     "build_frame", "draw_and_select", "iso_codes", "iso_strings", "iso_list", "fixed_strings", "constant_strings",
     "segment_sum", "lookup", "position_in_group", "load_ztp_final", "load_nb_final", "load_candidate_set",
-    "read_family", "GateError", "Path", "math",
+    "read_family", "read_columns", "read_merchant_homes", "merchant_u64_rows", "merchant_kappa",
 ]

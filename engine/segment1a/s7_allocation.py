@@ -12,13 +12,12 @@ ineligible) or with D = {home} get ``(home, N)`` (DEG_SINGLE_COUNTRY: residual 0
 Only merchants with a ``ztp_final`` emit ``residual_rank`` events (S9 checks them).
 
 Optional lanes (policy ``s7_integerisation_policy.yaml``, all off by default — decision 10):
-``home_bias_lane`` (home-share floor by N tier) and ``bounds_lane`` are implemented;
-``dirichlet_lane`` raises ``E_DIRICHLET_LANE_UNSUPPORTED`` when switched on.
+``home_bias_lane`` (home-share floor by N tier), ``bounds_lane`` and ``dirichlet_lane`` (an audit-only
+``dirichlet_gamma_vector`` event per merchant; it never changes counts).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +29,6 @@ from engine.segment1a.s5_currency_weights import is_int, is_number, load_strict_
 from engine.segment1a.s6_foreign_selection import (
     col_bool,
     col_u64,
-    iso_codes,
     iso_list,
     iso_strings,
     load_candidate_set,
@@ -140,18 +138,6 @@ def parse_integerisation_policy(doc: Any, path: str | None) -> IntegerisationPol
     if errs:
         raise InputError("E_POLICY_SCHEMA", "S7 integerisation policy does not match its schema", path=path, rows=errs)
     return pol
-
-
-def refuse_unsupported_lanes(policy: IntegerisationPolicy) -> None:
-    """The Dirichlet lane (an audit-only gamma snapshot, §4.2 step 12) is an optional add-on, off by
-    default (decision 10), and not implemented: switching it on is a clear error, never a no-op."""
-    if policy.dirichlet_enabled:
-        raise ModelError(
-            "E_DIRICHLET_LANE_UNSUPPORTED",
-            "s7_integerisation_policy enables the Dirichlet lane, which this engine does not implement "
-            "(optional add-on, off by default: decision 10); set dirichlet_lane.enabled: false",
-            path=policy.path,
-        )
 
 
 def load_integerisation_policy(ctx) -> IntegerisationPolicy:
@@ -285,6 +271,82 @@ def allocate(
     if policy.bounds_enabled and (np.any(c < L) or np.any(c > U)):
         raise ModelError("E_BOUNDS_CAP_EXHAUSTED", "bounds violated")
     return Allocation(c, r, rank, a, s)
+
+
+DIRICHLET_MODULE = "1A.dirichlet_allocator"
+DIRICHLET_LABEL = "dirichlet_gamma_vector"
+DIRICHLET_FAMILY = "dirichlet_gamma_vector"
+DIRICHLET_SUM_TOL = 1e-6
+
+
+def dirichlet_lane(group, merchants, N, share, iso, is_home, alpha0: float, M: bytes) -> dict | None:
+    """§4.2 step 12 (audit lane; never changes counts): per merchant whose shares over D are all
+    positive, ``g_i ~ Gamma(alpha0·s_i, 1)`` in D order on ONE keyed substream (label
+    ``dirichlet_gamma_vector``, ids ``(merchant_u64)``; consecutive gammas continue the counter),
+    ``weights = g / Σg``. Vectorised over merchants, one sampler call per position in D.
+
+    ``group`` = dense merchant index per D row (rows of a merchant contiguous, home first);
+    ``merchants``/``N`` per group. Returns the event columns (lists per merchant) or None.
+    """
+    from engine.core import rng, samplers
+
+    ng = merchants.shape[0]
+    if group.shape[0] == 0:
+        return None
+    size = np.bincount(group, minlength=ng)
+    pos_ok = np.ones(ng, bool)
+    np.logical_and.at(pos_ok, group, share > 0)
+    take_m = (size > 0) & pos_ok
+    if not take_m.any():
+        return None
+    rows = np.nonzero(take_m[group])[0]
+    g = group[rows]
+    alpha = alpha0 * share[rows]
+    if np.any(~(alpha > 0)) or np.any(~np.isfinite(alpha)):
+        raise ModelError("E_DIRICHLET_NONPOS", "Dirichlet alpha not positive",
+                         rows=[int(merchants[x]) for x in np.unique(g[~(alpha > 0)])[:10]])
+    ms = np.nonzero(take_m)[0]
+    mpos = np.full(ng, -1, np.int64)
+    mpos[ms] = np.arange(ms.shape[0])
+    key, hi0, lo0 = rng.substreams_vec(M, "1A", DIRICHLET_LABEL, merchant_u64_rows(merchants[ms]))
+    hi, lo = hi0.copy(), lo0.copy()
+    blocks = np.zeros(ms.shape[0], np.uint64)
+    draws = np.zeros(ms.shape[0], np.uint64)
+    gam = np.empty(rows.shape[0], np.float64)
+    pos = position_in_group(g)
+    for j in range(int(pos.max()) + 1):
+        r = np.nonzero(pos == j)[0]
+        mm = mpos[g[r]]
+        val, hi_a, lo_a, b, d = samplers.gamma_vec(key[mm], hi[mm], lo[mm], alpha[r])
+        gam[r] = val
+        hi[mm], lo[mm] = hi_a, lo_a
+        blocks[mm] += b
+        draws[mm] += d
+    if np.any(~(gam > 0)):
+        raise ModelError("E_DIRICHLET_NONPOS", "Dirichlet gamma component not positive",
+                         rows=[int(merchants[x]) for x in np.unique(g[~(gam > 0)])[:10]])
+    tot = segment_sum(gam, g, ng)
+    w = gam / tot[g]
+    wsum = segment_sum(w, g, ng)[ms]
+    if np.any(np.abs(wsum - 1.0) > DIRICHLET_SUM_TOL):
+        raise ModelError("E_DIRICHLET_SUM", "Dirichlet weights do not sum to 1")
+    offsets = np.concatenate(([0], np.cumsum(size[ms]))).astype(np.int32)
+
+    def lst(values, typ):
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, typ))
+
+    home_codes = iso[rows][is_home[rows]]
+    return {
+        "merchant_id": merchants[ms],
+        "before_hi": hi0, "before_lo": lo0, "after_hi": hi, "after_lo": lo,
+        "blocks": blocks, "draws": draws,
+        "home_country_iso": iso_strings(home_codes),
+        "country_isos": pa.ListArray.from_arrays(pa.array(offsets), iso_strings(iso[rows])),
+        "alpha": lst(alpha, pa.float64()),
+        "gamma_raw": lst(gam, pa.float64()),
+        "weights": lst(w, pa.float64()),
+        "n_domestic": N[ms].astype(np.int64),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,6 +525,10 @@ def compute_handoff(
         "iso": d_iso,
         "residual": alloc.residual,
         "residual_rank": alloc.residual_rank,
+        "group": g,
+        "is_home": d_home,
+        "N": zN,
+        "z_mid": z_mid,
     }
     return hand, events, alloc
 
@@ -474,7 +540,6 @@ def run(ctx) -> None:
     from engine.segment1a.s6_foreign_selection import _weights_lookup, merchant_kappa, read_membership
 
     policy = load_integerisation_policy(ctx)
-    refuse_unsupported_lanes(policy)
     wt = read_weights(ctx)  # S5 gate
     curs, cidx, w_keys, w_vals = _weights_lookup(wt)
     merchants, home = _merchant_homes(ctx)
@@ -493,8 +558,13 @@ def run(ctx) -> None:
         pos, found = lookup(w_keys, kap.astype(np.int64) * 676 + iso.astype(np.int64))
         return np.where(found, w_vals[pos] if w_vals.shape[0] else 0.0, 0.0), found
 
-    hand, ev, _ = compute_handoff(merchants, home, is_multi, nb_mid, nb_N, z_mid, z_K, aborted, cand, mem,
-                                  kappa_of, weight_of, policy)
+    hand, ev, alloc = compute_handoff(merchants, home, is_multi, nb_mid, nb_N, z_mid, z_K, aborted, cand, mem,
+                                      kappa_of, weight_of, policy)
+    M = rng.master_material("1A", ctx.ids.fingerprint_bytes, ctx.ids.seed)
+    dirichlet = None
+    if policy.dirichlet_enabled:
+        dirichlet = dirichlet_lane(ev["group"], ev["z_mid"], ev["N"], alloc.share, ev["iso"].astype(np.int64),
+                                   ev["is_home"], float(policy.alpha0), M)
     tbl = hand.table()
     probs = validate_table(tbl, schema_path(ctx, "s7_integer_allocation"))
     if probs:
@@ -502,7 +572,6 @@ def run(ctx) -> None:
 
     # residual_rank events: non-consuming, counters = base of the keyed (merchant, ISO) substream
     n = ev["merchant_id"].shape[0]
-    M = rng.master_material("1A", ctx.ids.fingerprint_bytes, ctx.ids.seed)
     mu = merchant_u64_rows(ev["merchant_id"])
     _key, hi, lo = rng.substreams_vec(M, "1A", LABEL, mu, iso=iso_list(ev["iso"]))
     cols = {
@@ -519,6 +588,8 @@ def run(ctx) -> None:
     }
     logs = rnglog.RngLogs(ctx.data_root, ctx.segment, ctx.ids)
     logs.add_events(FAMILY, MODULE, LABEL, cols)
+    if dirichlet is not None:
+        logs.add_events(DIRICHLET_FAMILY, DIRICHLET_MODULE, DIRICHLET_LABEL, dirichlet)
     logs.close()
 
     with publish.staged(ctx.path("s7_integer_allocation"), "E_IMMUTABLE_PARTITION_EXISTS_NONIDENTICAL") as tmp:
@@ -527,4 +598,4 @@ def run(ctx) -> None:
 
 
 __all__ = ["run", "allocate", "quantise_residual", "parse_integerisation_policy", "compute_handoff", "build_domain",
-           "IntegerisationPolicy", "re"]
+           "dirichlet_lane", "multi_site", "load_is_multi", "IntegerisationPolicy"]

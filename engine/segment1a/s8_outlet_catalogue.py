@@ -34,7 +34,6 @@ from engine.segment1a.s6_foreign_selection import (
     iso_strings,
     load_candidate_set,
     load_nb_final,
-    load_ztp_final,
     lookup,
     merchant_u64_rows,
     read_columns,
@@ -47,9 +46,7 @@ MAX_SEQ = 999_999  # site_id is six digits (§5.2 step 3)
 SORT = ["merchant_id", "legal_country_iso", "site_order"]
 
 
-def check_handoff(
-    h_mid, h_iso, h_cnt, h_home, merchants, home, is_multi, N_of, z_mid, mem_key, s3_key, aborted
-):
+def check_handoff(h_mid, h_iso, h_cnt, h_home, merchants, home, is_multi, N_of, mem_key, s3_key, aborted):
     """§5.2 steps 1-3 as vectorised gates over the hand-off (sorted by merchant, ISO).
 
     ``N_of`` = N per merchant (1 for single-site); ``mem_key`` / ``s3_key`` = sorted
@@ -142,7 +139,6 @@ def run(ctx) -> None:
     pos, _ = lookup(nb_mid, merchants)
     N_of = np.where(is_multi, nb_N[pos] if nb_N.shape[0] else 1, 1).astype(np.int64)
     aborted = load_aborted(ctx)
-    z_mid, _ = load_ztp_final(ctx)
     c_mid, c_iso, _c_rank, c_home = load_candidate_set(ctx)
     m_mid, m_iso = read_membership(ctx)
     # merchant-index keys for the set checks
@@ -164,7 +160,7 @@ def run(ctx) -> None:
         if np.any(dup):
             raise InputError("E_DUP_PK", "duplicate (merchant_id, country_iso) in the S7 hand-off", path=path_h,
                              rows=[int(x) for x in h_mid[1:][dup][:10]])
-    mi = check_handoff(h_mid, h_iso, h_cnt, h_home, merchants, home, is_multi, N_of, z_mid, mem_key, s3_key, aborted)
+    mi = check_handoff(h_mid, h_iso, h_cnt, h_home, merchants, home, is_multi, N_of, mem_key, s3_key, aborted)
     tbl, (b_mid, b_iso, b_n) = build_catalogue(
         h_mid, h_iso, h_cnt, mi, home, is_multi, N_of, ctx.ids.manifest_fingerprint, ctx.ids.seed
     )

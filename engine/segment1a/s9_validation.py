@@ -2151,7 +2151,6 @@ def _bundle_files(ctx, L: _Loaded, fails: Failures, passed: bool, acct: dict, co
     pfiles = [] if resolved is None else sorted(resolved.param_entries, key=lambda e: e["name"].encode())
     afiles = [] if resolved is None else sorted(resolved.artifact_entries, key=lambda e: e["name"].encode())
     code_hex = resolved.code_digest_hex if resolved is not None else str(ctx.extra.get("code_digest") or "")
-    git_commit = (resolved.git_commit if resolved is not None else None) or ctx.extra.get("git_commit")
     # lineage evidence (00-core §1.3/§1.4 audit rows): names are the sealed role names / basenames, never
     # filesystem locations (decision 4); no mtime_ns (decision 15)
     files["param_digest_log.jsonl"] = canonical_jsonl(
@@ -2232,7 +2231,10 @@ def _bundle_files(ctx, L: _Loaded, fails: Failures, passed: bool, acct: dict, co
         "checks": checks,
         "s2_corridors": corridor,
     })
-    # MANIFEST (decision 15: no created_utc_ns; decision 3: git_commit_hex = code digest, git commit apart)
+    # MANIFEST (decision 15: no created_utc_ns; decision 3: git_commit_hex = the code digest). The git commit
+    # itself is NOT written: a commit that changes no engine file (docs, tests) keeps the fingerprint but would
+    # change these bytes, breaking byte identity of data/ across re-runs (decision 5) and the write-once
+    # bundle; it belongs in logs/ (the RNG audit row) as provenance.
     files["MANIFEST.json"] = canonical_json({
         "version": VERSION,
         "manifest_fingerprint": ids.manifest_fingerprint,
@@ -2240,7 +2242,7 @@ def _bundle_files(ctx, L: _Loaded, fails: Failures, passed: bool, acct: dict, co
         "seed": ids.seed,
         "run_id": ids.run_id,
         "git_commit_hex": code_hex,
-        "git_commit": git_commit,  # provenance only; no identity reads it
+        "code_digest": code_hex,
         "artifact_count": len(files) + 2,  # + MANIFEST.json itself + index.json (which lists itself, ⚑12)
         "math_profile_id": attest.get("math_profile_id") or receipt.get("math_profile_id"),
         "compiler_flags": {"fma": False, "ftz": False, "rounding": "RNE", "fast_math": False, "blas": "none"},

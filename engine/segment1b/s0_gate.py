@@ -173,6 +173,34 @@ def verify_1a(ctx) -> dict:
             "catalogue_sha256_hex": dir_digest, "catalogue_rows": n_rows}
 
 
+def token_mismatches(t: pa.Table, fp: str, seed: int) -> tuple[np.ndarray, int, int]:
+    """Rows whose ``manifest_fingerprint`` / ``global_seed`` differ from the path tokens: ``(row mask,
+    bad_fp, bad_seed)``. Fast path: the distinct values of the (dictionary-read) fingerprint column and the
+    seed's min/max; the per-row mask is only built when something differs."""
+    fpc, sc = t["manifest_fingerprint"], t["global_seed"]
+    fps = [v for v in pc.unique(fpc.cast(pa.string()) if not pa.types.is_dictionary(fpc.type)
+                                else fpc.unify_dictionaries().combine_chunks().dictionary).to_pylist()]
+    mm = pc.min_max(sc).as_py() if t.num_rows else {"min": seed, "max": seed}
+    clean = (set(fps) <= {fp} and fpc.null_count == 0 and sc.null_count == 0
+             and (t.num_rows == 0 or (mm["min"] == seed and mm["max"] == seed)))
+    if clean:
+        return np.zeros(t.num_rows, dtype=bool), 0, 0
+    fp_bad = np.asarray(pc.fill_null(pc.not_equal(fpc.cast(pa.string()), pa.scalar(fp)), True)
+                        .to_numpy(zero_copy_only=False), dtype=bool)
+    seed_bad = np.asarray(pc.fill_null(pc.not_equal(sc, pa.scalar(int(seed), pa.uint64())), True)
+                          .to_numpy(zero_copy_only=False), dtype=bool)
+    return fp_bad | seed_bad, int(fp_bad.sum()), int(seed_bad.sum())
+
+
+def read_catalogue_files(files: list[Path], columns: list[str]) -> pa.Table:
+    """Catalogue part files concatenated in name order; string columns kept dictionary-encoded as stored."""
+    dict_cols = [c for c in columns if c in ("manifest_fingerprint", "legal_country_iso", "home_country_iso")]
+    tables = [pq.read_table(p, columns=columns, read_dictionary=dict_cols) for p in files]
+    if len(tables) == 1:
+        return tables[0]
+    return pa.concat_tables([t.unify_dictionaries() for t in tables], promote_options="permissive")
+
+
 def check_catalogue_embed(ctx, files: list[Path], cat_dir: Path, bdir: Path | None = None) -> int:
     """Every row's ``manifest_fingerprint`` / ``global_seed`` equal the 1A tokens; returns the row count."""
     ids1a = _need_ids_1a(ctx)
@@ -180,15 +208,13 @@ def check_catalogue_embed(ctx, files: list[Path], cat_dir: Path, bdir: Path | No
     bad_fp = bad_seed = 0
     first: list[str] = []
     for p in files:
-        t = pq.read_table(p, columns=["manifest_fingerprint", "global_seed"])
-        fp_bad = pc.not_equal(t["manifest_fingerprint"], pa.scalar(ids1a.manifest_fingerprint))
-        seed_bad = pc.not_equal(t["global_seed"], pa.scalar(int(ids1a.seed), pa.uint64()))
-        bad = np.asarray(pc.fill_null(pc.or_(fp_bad, seed_bad), True).to_numpy(zero_copy_only=False), dtype=bool)
-        if bad.any():
-            bad_fp += int(np.asarray(pc.fill_null(fp_bad, True).to_numpy(zero_copy_only=False), bool).sum())
-            bad_seed += int(np.asarray(pc.fill_null(seed_bad, True).to_numpy(zero_copy_only=False), bool).sum())
+        t = read_catalogue_files([p], ["manifest_fingerprint", "global_seed"])
+        bad, bf, bs = token_mismatches(t, ids1a.manifest_fingerprint, int(ids1a.seed))
+        if bf or bs:
+            bad_fp += bf
+            bad_seed += bs
             for i in np.flatnonzero(bad)[:5].tolist():
-                first.append(f"{p.name} row {n + i}: manifest_fingerprint={t['manifest_fingerprint'][i].as_py()} "
+                first.append(f"{p.name} row {i}: manifest_fingerprint={t['manifest_fingerprint'][i].as_py()} "
                              f"global_seed={t['global_seed'][i].as_py()}")
         n += t.num_rows
     if bad_fp or bad_seed:
@@ -372,7 +398,8 @@ def verified_receipt_exists(ctx) -> bool:
 def read_catalogue(ctx, columns: list[str], receipt: dict | None = None) -> pa.Table:
     """Read ``outlet_catalogue`` after the gate (S3, S7): the partition's files must be byte-identical to those
     S0 verified (recorded in the receipt; else ``E301_NO_PASS_FLAG``) and every row must carry the 1A tokens
-    (``E306_TOKEN_MISMATCH``). Returns the requested columns, files concatenated in name order."""
+    (``E306_TOKEN_MISMATCH``). Returns the requested columns, files concatenated in name order; ISO and
+    fingerprint columns come back dictionary-encoded (as stored; cast to string if needed)."""
     rec = receipt if receipt is not None else require_receipt(ctx)
     ids1a = _need_ids_1a(ctx)
     cat_dir = Path(ctx.path("outlet_catalogue", segment="1A"))
@@ -383,14 +410,12 @@ def read_catalogue(ctx, columns: list[str], receipt: dict | None = None) -> pa.T
         raise GateError(E_NO_PASS, f"outlet_catalogue at {cat_dir} is not the one S0 verified (digest {digest}, "
                         f"receipt {want['sha256_hex']}); re-run 1B S0", path=cat_dir)
     cols = list(dict.fromkeys(list(columns) + ["manifest_fingerprint", "global_seed"]))
-    tables = [pq.read_table(p, columns=cols) for p in files]
-    t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    bad = pc.or_(pc.not_equal(t["manifest_fingerprint"], pa.scalar(ids1a.manifest_fingerprint)),
-                 pc.not_equal(t["global_seed"], pa.scalar(int(ids1a.seed), pa.uint64())))
-    nbad = int(pc.sum(pc.cast(pc.fill_null(bad, True), pa.int64())).as_py() or 0)
-    if nbad:
-        raise InputError("E306_TOKEN_MISMATCH", f"{nbad} outlet_catalogue rows carry tokens other than the path's",
-                         path=cat_dir)
+    t = read_catalogue_files(files, cols)
+    bad, bf, bs = token_mismatches(t, ids1a.manifest_fingerprint, int(ids1a.seed))
+    if bf or bs:
+        raise InputError("E306_TOKEN_MISMATCH", f"{bf} outlet_catalogue rows carry another manifest_fingerprint and "
+                         f"{bs} another global_seed than the path", path=cat_dir,
+                         rows=np.flatnonzero(bad)[:10].tolist())
     return t.select(list(columns))
 
 

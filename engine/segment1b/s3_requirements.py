@@ -35,18 +35,41 @@ MAX_ROWS = 10
 # pure compute
 # ============================================================================================
 def iso_codes_array(col) -> tuple[np.ndarray, np.ndarray]:
-    """Dictionary-encode an ISO column: ``(codes int32, labels)``; labels sorted A-Z so code order = ISO order."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    """Dictionary-encode an ISO column: ``(codes int32, labels)``; labels sorted A-Z so code order = ISO order.
+
+    A dictionary-typed column (as read with ``read_dictionary``) is used as is (no string materialisation)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.unify_dictionaries() if pa.types.is_dictionary(col.type) else col
+        arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    else:
+        arr = col
     if arr.null_count:
         raise InputError("E302_FK_COUNTRY", "legal_country_iso is null", rows=np.flatnonzero(
             np.asarray(pc.is_null(arr).to_numpy(zero_copy_only=False)))[:MAX_ROWS].tolist())
-    enc = pc.dictionary_encode(arr.cast(pa.string()))
-    labels = np.asarray(enc.dictionary.to_pylist(), dtype=object)
-    order = np.argsort(labels.astype(str), kind="stable")
+    enc = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr.cast(pa.string()))
+    labels = np.asarray(enc.dictionary.cast(pa.string()).to_pylist(), dtype=object).astype(str)
+    if len(set(labels.tolist())) != labels.shape[0]:  # a dictionary with repeated values: re-encode
+        enc = pc.dictionary_encode(arr.cast(pa.string()))
+        labels = np.asarray(enc.dictionary.to_pylist(), dtype=object).astype(str)
+    order = np.argsort(labels, kind="stable")
     remap = np.empty(order.shape[0], np.int32)
     remap[order] = np.arange(order.shape[0], dtype=np.int32)
     codes = remap[np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
-    return codes, labels[order].astype(str)
+    return codes, labels[order]
+
+
+def sorted_by(*keys: np.ndarray) -> bool:
+    """True iff rows are strictly increasing by the key tuple (primary key first): writer order, no duplicates."""
+    n = keys[0].shape[0]
+    if n < 2:
+        return True
+    gt = np.zeros(n - 1, dtype=bool)
+    eq = np.ones(n - 1, dtype=bool)
+    for k in keys:
+        a, b = k[1:], k[:-1]
+        gt |= eq & (a > b)
+        eq &= a == b
+    return bool(gt.all())
 
 
 def requirements(merchant_id: np.ndarray, iso_code: np.ndarray, iso_labels: np.ndarray, site_order: np.ndarray,
@@ -60,7 +83,8 @@ def requirements(merchant_id: np.ndarray, iso_code: np.ndarray, iso_labels: np.n
     n = mid.shape[0]
     if n == 0:
         return {"merchant_id": mid, "iso_code": iso, "n_sites": np.zeros(0, np.int64)}
-    order = np.lexsort((so, iso, mid))
+    # outlet_catalogue is written in (merchant, country, site_order) order: sort only if it is not
+    order = np.arange(n) if sorted_by(mid, iso, so) else np.lexsort((so, iso, mid))
     m_s, i_s, s_s = mid[order], iso[order], so[order]
     new = np.ones(n, dtype=bool)
     new[1:] = (m_s[1:] != m_s[:-1]) | (i_s[1:] != i_s[:-1])
@@ -145,6 +169,31 @@ def weight_countries(weights_dir: Path) -> set[str]:
         col = pq.read_table(p, columns=["country_iso"])["country_iso"]
         out.update(str(v) for v in pc.unique(col).to_pylist() if v is not None)
     return out
+
+
+def read_dataset(directory, schema_path, dict_cols=("legal_country_iso",)) -> pa.Table:
+    """A 1B S3-S6 partition (``part-*.parquet`` in name order) with the schema's columns and types, the
+    ``dict_cols`` kept dictionary-encoded as stored (cheap ISO codes; values unchanged)."""
+    from engine.core.errors import EngineError
+    from engine.core.schema import arrow_schema
+
+    d = Path(directory)
+    schema = arrow_schema(schema_path)
+    parts = sorted(p for p in d.glob("part-*.parquet")) if d.is_dir() else []
+    if not parts:
+        raise EngineError("E_PARTITION_MISSING", "partition missing or without part files", path=d)
+    dc = [c for c in dict_cols if c in schema.names]
+    tables = []
+    for p in parts:
+        t = pq.read_table(p, columns=schema.names, read_dictionary=dc)
+        cols = []
+        for f in schema:
+            c = t[f.name]
+            cols.append(c if f.name in dc else c.cast(f.type))
+        tables.append(pa.table(cols, names=schema.names))
+    if len(tables) == 1:
+        return tables[0]
+    return pa.concat_tables([t.unify_dictionaries() for t in tables], promote_options="permissive")
 
 
 def iso_table_codes(ctx) -> set[str] | None:

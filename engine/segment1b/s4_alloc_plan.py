@@ -130,13 +130,14 @@ def alloc_plan(pair_iso: np.ndarray, pair_n: np.ndarray, weights: dict[int, Coun
     """Plan rows for pairs given in writer order. ``pair_iso`` int codes (keys of ``weights``), ``pair_n``.
 
     Returns ``{pair (int64 index of the pair per row), tile_id (uint64), n_sites_tile (int64)}`` with rows grouped
-    by pair in pair order and tile_id ascending within a pair; plus ``keys`` (distinct (iso, n) computed)."""
+    by pair in pair order and tile_id ascending within a pair; plus ``keys`` (distinct (iso, n) computed) and
+    ``planned_tiles`` (iso code -> distinct planned tile ids, for the tile_index check)."""
     pi = np.asarray(pair_iso, dtype=np.int64)
     pn = np.asarray(pair_n, dtype=np.int64)
     npairs = pi.shape[0]
     if npairs == 0:
         return {"pair": np.zeros(0, np.int64), "tile_id": np.zeros(0, np.uint64),
-                "n_sites_tile": np.zeros(0, np.int64), "keys": 0}
+                "n_sites_tile": np.zeros(0, np.int64), "keys": 0, "planned_tiles": {}}
     base = int(pn.max()) + 1
     key = pi * base + pn
     ukeys, inv = np.unique(key, return_inverse=True)
@@ -158,7 +159,11 @@ def alloc_plan(pair_iso: np.ndarray, pair_n: np.ndarray, weights: dict[int, Coun
     starts[1:] = np.cumsum(plen)[:-1]
     j = np.arange(total, dtype=np.int64) - starts[pair]
     src = offs[inv][pair] + j
-    return {"pair": pair, "tile_id": cat_t[src], "n_sites_tile": cat_q[src], "keys": int(ukeys.shape[0])}
+    key_iso = ukeys // base
+    planned = {int(c): np.unique(np.concatenate([tiles[j] for j in np.flatnonzero(key_iso == c).tolist()]))
+               for c in np.unique(key_iso).tolist()}
+    return {"pair": pair, "tile_id": cat_t[src], "n_sites_tile": cat_q[src], "keys": int(ukeys.shape[0]),
+            "planned_tiles": planned}
 
 
 # ============================================================================================
@@ -231,20 +236,20 @@ def check_tiles_in_index(index_dir: Path, iso: str, tiles: np.ndarray) -> None:
 
 
 def compute(ctx) -> tuple[pa.Table, dict]:
-    from engine.core.publish import read_parquet_dir
     from engine.segment1b import s0_gate
-    from engine.segment1b.s3_requirements import iso_codes_array
+    from engine.segment1b.s3_requirements import iso_codes_array, read_dataset, sorted_by
 
     s0_gate.require_receipt(ctx)
-    req = read_parquet_dir(ctx.path("s3_requirements"), schema=REQ_SCHEMA)
+    req = read_dataset(ctx.path("s3_requirements"), REQ_SCHEMA)
     if req.num_rows == 0:
         raise InputError("E401_NO_S3_REQUIREMENTS", "s3_requirements is empty", path=ctx.path("s3_requirements"))
     codes, labels = iso_codes_array(req["legal_country_iso"])
     mid = np.asarray(req["merchant_id"].to_numpy(), dtype=np.uint64)
     n = np.asarray(req["n_sites"].to_numpy(), dtype=np.int64)
-    order = np.lexsort((codes, mid))  # writer order (S3 already wrote it; sorting keeps S4 self-contained)
-    mid, codes, n = mid[order], codes[order], n[order]
-    if mid.shape[0] > 1 and not ((mid[1:] > mid[:-1]) | ((mid[1:] == mid[:-1]) & (codes[1:] > codes[:-1]))).all():
+    if not sorted_by(mid, codes):  # S3 writes writer order; re-establish it rather than trust it
+        order = np.lexsort((codes, mid))
+        mid, codes, n = mid[order], codes[order], n[order]
+    if not sorted_by(mid, codes):
         raise InputError("E407_PK_DUPLICATE", "s3_requirements has duplicate (merchant_id, legal_country_iso)",
                          path=ctx.path("s3_requirements"))
     wdir = Path(ctx.path("tile_weights"))
@@ -258,9 +263,9 @@ def compute(ctx) -> tuple[pa.Table, dict]:
         raise InputError("E414_WEIGHT_TAMPER", f"tile_weights carries several dp values {sorted(dps)}", path=wdir)
     out = alloc_plan(codes, n, weights)
     idir = Path(ctx.path("tile_index"))
+    for c, tiles in out["planned_tiles"].items():
+        check_tiles_in_index(idir, str(labels[c]), tiles)
     row_iso = codes[out["pair"]]
-    for c in np.unique(codes).tolist():
-        check_tiles_in_index(idir, str(labels[c]), out["tile_id"][row_iso == c])
     iso = pa.DictionaryArray.from_arrays(pa.array(row_iso.astype(np.int32), pa.int32()), pa.array(list(labels)))
     t = pa.table({"merchant_id": pa.array(mid[out["pair"]], pa.uint64()), "legal_country_iso": iso.cast(pa.string()),
                   "tile_id": pa.array(out["tile_id"], pa.uint64()),

@@ -183,6 +183,19 @@ def mixture_points(u_lon, u_lat, lo_lon, span_lon, lo_lat, span_lat, pol: Jitter
     return lo_lon + frac(u_lon, lon_p) * span_lon, lo_lat + frac(u_lat, lat_p) * span_lat, fmax
 
 
+def groups(codes: np.ndarray):
+    """``[(code, indices ascending), ...]`` by code ascending -- one stable argsort instead of one full
+    comparison per code."""
+    codes = np.asarray(codes)
+    if codes.shape[0] == 0:
+        return []
+    order = np.argsort(codes, kind="stable")
+    cs = codes[order]
+    cut = np.flatnonzero(cs[1:] != cs[:-1]) + 1
+    bounds = np.concatenate([[0], cut, [cs.shape[0]]])
+    return [(int(cs[bounds[i]]), order[bounds[i]:bounds[i + 1]]) for i in range(bounds.shape[0] - 1)]
+
+
 # ============================================================================================
 # pure compute
 # ============================================================================================
@@ -234,11 +247,9 @@ def jitter(key, hi, lo, bounds: dict, site_country: np.ndarray, shapes: dict, in
         qx, qy = reconstruct(c_lon[active], c_lat[active], dlon, dlat)
         ok = interior[active] & (qx >= lo_x) & (qx <= max_lon[active]) & (qy >= lo_y) & (qy <= max_lat[active])
         need = np.flatnonzero(~ok)
-        if need.size:
-            cc = site_country[active[need]]
-            for c in np.unique(cc).tolist():
-                sel = need[cc == c]
-                ok[sel] = shapes[c].contains_points(qx[sel], qy[sel])
+        for c, g in groups(site_country[active[need]]):
+            sel = need[g]
+            ok[sel] = shapes[c].contains_points(qx[sel], qy[sel])
         for k, v in (("site", active), ("attempt", np.full(active.size, attempt, np.int32)), ("before_hi", b_hi),
                      ("before_lo", b_lo), ("after_hi", a_hi), ("after_lo", a_lo), ("delta_lon", dlon),
                      ("delta_lat", dlat), ("sigma", sigma)):
@@ -253,10 +264,17 @@ def jitter(key, hi, lo, bounds: dict, site_country: np.ndarray, shapes: dict, in
         active = active[keep]
         hi_cur[active] = a_hi[keep]
         lo_cur[active] = a_lo[keep]
-    events = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in ev.items()}
-    if events["site"].size:
-        o = np.lexsort((events["attempt"], events["site"]))
-        events = {k: v[o] for k, v in events.items()}
+    # events in (site, attempt) order without a sort: site s owns slots off[s] .. off[s] + attempts_s - 1
+    # (every site draws at least once: max_attempts >= 1; exhausted sites drew max_attempts times)
+    made = np.where(res["attempts"] > 0, res["attempts"], policy.max_attempts).astype(np.int64)
+    off = np.zeros(n, np.int64)
+    off[1:] = np.cumsum(made)[:-1]
+    total = int(made.sum())
+    events = {k: np.empty(total, dtype=parts[0].dtype if parts else np.float64) for k, parts in ev.items()}
+    for r, sites in enumerate(ev["site"]):
+        pos = off[sites] + r  # round r + 1 is attempt r + 1 of every site still active in it
+        for k in ev:
+            events[k][pos] = ev[k][r]
     res["events"] = events
     return res
 
@@ -270,8 +288,7 @@ def site_bounds(bounds_dir: Path, labels: np.ndarray, site_code: np.ndarray, sit
 
     n = site_code.shape[0]
     out = {k: np.empty(n) for k in ("min_lon", "max_lon", "min_lat", "max_lat", "c_lon", "c_lat")}
-    for c in np.unique(site_code).tolist():
-        sel = np.flatnonzero(site_code == c)
+    for c, sel in groups(site_code):
         t = read_country_table(bounds_dir, str(labels[c]), BOUNDS_COLUMNS)
         tid = np.asarray(t["tile_id"].to_numpy(), dtype=np.uint64) if t is not None else np.zeros(0, np.uint64)
         order = np.argsort(tid, kind="stable")
@@ -294,8 +311,7 @@ def site_interior(shapes: dict, site_code: np.ndarray, site_tile: np.ndarray, b:
     """Interior flag per site, computed once per distinct (country, tile)."""
     n = site_code.shape[0]
     out = np.zeros(n, dtype=bool)
-    for c in np.unique(site_code).tolist():
-        sel = np.flatnonzero(site_code == c)
+    for c, sel in groups(site_code):
         ut, first, inv = np.unique(site_tile[sel], return_index=True, return_inverse=True)
         f = sel[first]
         flags = interior_tiles(shapes[c], b["min_lon"][f], b["min_lat"][f], b["max_lon"][f], b["max_lat"][f])
@@ -304,25 +320,23 @@ def site_interior(shapes: dict, site_code: np.ndarray, site_tile: np.ndarray, b:
 
 
 def compute(ctx) -> tuple[pa.Table, dict, dict]:
-    from engine.core.publish import read_parquet_dir
     from engine.segment1b import s0_gate, spatial
-    from engine.segment1b.s3_requirements import iso_codes_array
+    from engine.segment1b.s3_requirements import iso_codes_array, read_dataset, sorted_by
 
     s0_gate.require_receipt(ctx)
     policy = load_policy(ctx.config["segment1b"]["parameters"][POLICY_NAME])
-    a = read_parquet_dir(ctx.path("s5_site_tile_assignment"), schema=ASSIGN_SCHEMA)
+    a = read_dataset(ctx.path("s5_site_tile_assignment"), ASSIGN_SCHEMA)
     if a.num_rows == 0:
         raise InputError("E601_ROW_MISSING", "s5_site_tile_assignment is empty", path=ctx.path("s5_site_tile_assignment"))
     codes, labels = iso_codes_array(a["legal_country_iso"])
     mid = np.asarray(a["merchant_id"].to_numpy(), dtype=np.uint64)
     so = np.asarray(a["site_order"].to_numpy(), dtype=np.int64)
     tile = np.asarray(a["tile_id"].to_numpy(), dtype=np.uint64)
-    from engine.segment1b.s5_site_tile import _sorted_keys
-
-    if not _sorted_keys(mid, codes, so):
+    
+    if not sorted_by(mid, codes, so):
         o = np.lexsort((so, codes, mid))
         mid, codes, so, tile = mid[o], codes[o], so[o], tile[o]
-        if not _sorted_keys(mid, codes, so):
+        if not sorted_by(mid, codes, so):
             raise InputError("E603_DUP_KEY", "s5_site_tile_assignment has duplicate site keys",
                              path=ctx.path("s5_site_tile_assignment"))
     used = [str(labels[c]) for c in np.unique(codes).tolist()]

@@ -103,6 +103,8 @@ FAMILIES = {  # spec 1B 0.5: family -> (module, label, blocks, draws)
 COUNTRY_TOL_DEG = 1e-9
 REQUIRED_FILES = ("MANIFEST.json", "egress_checksums.json", "manifest_fingerprint_resolved.json",
                   "parameter_hash_resolved.json", "rng_accounting.json", "s9_summary.json")
+# ops record under logs/ (not a dataset): the resolved run, so `segment1b validate-s9` can find it from identities
+RUN_RECORD = "logs/config/1B/fingerprint={fp}/seed={seed}/segment1b_run.json"
 _PART_RE = re.compile(r"^part-[0-9]{5}\.parquet$")
 _TRACE_CODES = ("E_TRACE_COVERAGE_MISSING", "E_TRACE_TOTALS_MISMATCH")
 MAX_ROWS = 10
@@ -756,11 +758,33 @@ def _failure_error(res: Result, bundle_dir: Path) -> ValidationFailure:
 
 
 # ====================================================================== entry points
+def _ids_record(ids) -> dict | None:
+    return None if ids is None else {"seed": int(ids.seed), "parameter_hash": ids.parameter_hash,
+                                     "manifest_fingerprint": ids.manifest_fingerprint, "run_id": ids.run_id}
+
+
+def write_run_record(ctx) -> Path:
+    """Record the run's resolved config and identities under ``logs/config/1B/`` (ops only; rewritten atomically).
+    ``engine.cli.segment1b validate-s9`` finds the run through it from its 1A or 1B identities."""
+    import json
+
+    p = Path(ctx.data_root) / RUN_RECORD.format(fp=ctx.ids.manifest_fingerprint, seed=int(ctx.ids.seed))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"config": ctx.config, "ids_1a": _ids_record(ctx.ids_1a), "ids_1b": _ids_record(ctx.ids),
+           "extra": dict(ctx.extra)}
+    tmp = p.with_name(f"_tmp.{p.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(doc, sort_keys=True, indent=1, default=str))
+    os.replace(tmp, p)
+    return p
+
+
 def run(ctx) -> None:
     """Snakemake S9: validate, publish the bundle (flag only on PASS), log the stages; FAIL -> raise."""
     log = StageLog(ctx, "run")
     with log.stage("initialise") as extra:
         bundle_dir = Path(ctx.path("validation_bundle_1B"))
+        if ctx.ids_1a is not None:
+            write_run_record(ctx)
         extra.update(mode="run")
     res = validate(ctx, log)
     with log.stage("persist_bundle") as extra:
