@@ -88,7 +88,17 @@ IDENTITIES = {
 }
 
 
+def run_config_path(ids):
+    """Where the resolved configuration of a 1A run is kept (ops record under logs/, read by the 1B CLI)."""
+    return Path(p1a("run_config_1A"))
+
+
+def write_run_config():
+    engine_config.write_run_config(run_config_path(IDS_1A), CFG)
+
+
 onstart:
+    write_run_config()
     print("engine identities: " + json.dumps(IDENTITIES, sort_keys=True), file=sys.stderr)
 
 

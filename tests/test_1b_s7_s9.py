@@ -481,6 +481,17 @@ def test_s9_rng_budget_and_run_id(world):
     assert {"E_RNG_BUDGET_VIOLATION", "E_PATH_EMBED_MISMATCH"} <= rng_codes
 
 
+def test_s9_events_under_another_run_id_are_e907(world):
+    """Spec 1B 11 test: S5 events moved to another run_id's partition are missing for this run."""
+    ctx = world
+    run_s7_s8(ctx)
+    src = _events_path(ctx, "site_tile_assign").parent
+    dst = Path(str(src).replace(f"run_id={ctx.ids.run_id}", f"run_id={hx('other run', 32)}"))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dst)
+    assert _fail_codes(ctx) == ["E907_RNG_BUDGET_OR_COUNTERS"]
+
+
 def test_s9_missing_trace_is_e907(world):
     ctx = world
     run_s7_s8(ctx)

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 "manifest_fingerprint": r.manifest_fingerprint, "run_id": r.run_id}
         catalogue = out / d.path("outlet_catalogue", **toks)
         flag = out / d.path("validation_bundle_1A", **toks) / "_passed.flag"
+        engine_config.write_run_config(out / d.path("run_config_1A", **toks), cfg)
     except EngineError as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -57,3 +57,19 @@ def resolve(config: dict, repo_root: Path = REPO_ROOT) -> dict:
 
 def load(path: str | Path | None = None, repo_root: Path = REPO_ROOT) -> dict:
     return resolve(load_yaml(path or repo_root / "config.yaml"), repo_root)
+
+
+def write_run_config(path: str | Path, cfg: dict) -> None:
+    """Keep the resolved configuration of a run (ops record under logs/, never hashed)."""
+    path = Path(path)
+    body = json.dumps(cfg, sort_keys=True, indent=1) + "\n"
+    if path.exists() and path.read_text() == body:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(body)
+    tmp.replace(path)
+
+
+def read_run_config(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
