@@ -360,7 +360,7 @@ def _ctx(root: Path, tmp: Path, s7_policy: str | None = None):
     return RunContext(root, REPO, cfg, ids)
 
 
-def _upstream(ctx) -> None:
+def _upstream(ctx, MERCHANTS=MERCHANTS) -> None:
     from engine.core import publish, rnglog
 
     ph, fp = ctx.ids.parameter_hash, ctx.ids.manifest_fingerprint
@@ -524,3 +524,20 @@ def test_dirichlet_lane_end_to_end_does_not_change_counts(tmp_path):
     assert [e["merchant_id"] for e in dg] == [3, 4, 5, BIG]  # one per ztp_final merchant (all shares > 0)
     assert all(abs(sum(e["weights"]) - 1.0) <= 1e-6 and e["country_isos"][0] == e["home_country_iso"] for e in dg)
     assert rnglog.reconcile(lane.data_root, lane.ids, families=["dirichlet_gamma_vector", "residual_rank"]) == []
+
+
+def test_run_without_any_cross_border_merchant(tmp_path):
+    """No ztp_final at all: S6 draws nothing, S7/S8 put every merchant at home."""
+    pytest.importorskip("engine.core.rnglog")
+    from engine.core import publish
+
+    domestic = {1: MERCHANTS[1], 2: MERCHANTS[2], BIG: ("IT", True, 4, False, None, [])}
+    ctx = _ctx(tmp_path / "a", tmp_path)
+    _upstream(ctx, domestic)
+    _run_s5_s8(ctx)
+    cat = publish.read_parquet_dir(ctx.path("outlet_catalogue"))
+    assert cat.num_rows == 1 + 5 + 4
+    assert cat.column("legal_country_iso").to_pylist() == cat.column("home_country_iso").to_pylist()
+    rec = json.loads((ctx.path("s6_receipt") / "S6_VALIDATION.json").read_text())
+    assert rec["events_written"] == 0 and rec["merchants_processed"] == 0 and rec["trace_reconciled"]
+    assert publish.read_parquet_dir(ctx.path("s6_membership"), schema="schemas/1A/s6_membership.schema.json").num_rows == 0

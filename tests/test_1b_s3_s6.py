@@ -135,6 +135,35 @@ def test_s4_alloc_plan_vectorised_reuses_plans():
     assert out["n_sites_tile"].tolist() == [4, 1, 2, 1, 4, 1]
 
 
+def test_s4_reads_per_country_and_generic_partitions(tmp_path):
+    per = tmp_path / "per"
+    per.mkdir()
+    pq.write_table(pa.table({"country_iso": ["BB"], "tile_id": pa.array([7], pa.uint64())}), per / "part-BB.parquet")
+    assert s4.read_country_table(per, "BB", ["tile_id"])["tile_id"].to_pylist() == [7]
+    assert s4.read_country_table(per, "AA", ["tile_id"]) is None
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    pq.write_table(pa.table({"country_iso": ["BB", "AA", "BB"], "tile_id": pa.array([9, 4, 2], pa.uint64())}),
+                   gen / "part-00000.parquet")
+    assert s4.read_country_table(gen, "BB", ["tile_id"])["tile_id"].to_pylist() == [2, 9]
+    assert s4.read_country_table(gen, "AA", ["tile_id"])["tile_id"].to_pylist() == [4]
+    assert s4.read_country_table(gen, "CC", ["tile_id"]) is None
+
+
+def test_s4_weight_checks(tmp_path):
+    d = tmp_path / "w"
+    d.mkdir()
+    pq.write_table(pa.table({"country_iso": ["AA", "AA"], "tile_id": pa.array([1, 2], pa.uint64()),
+                             "weight_fp": pa.array([60, 30], pa.int64()), "dp": pa.array([2, 2], pa.int32())}),
+                   d / "part-AA.parquet")
+    with pytest.raises(InputError) as ei:
+        s4.load_country_weights(d, "AA")
+    assert ei.value.code == "E414_WEIGHT_TAMPER"
+    with pytest.raises(InputError) as ei:
+        s4.load_country_weights(d, "BB")
+    assert ei.value.code == "E402_MISSING_TILE_WEIGHTS"
+
+
 # ============================================================================ S5 (pure)
 def test_s5_spec_worked_example():
     u = np.array([0.37, 0.82, 0.37, 0.05, 0.41])

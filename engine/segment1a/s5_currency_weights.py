@@ -789,23 +789,6 @@ def read_merchant_currency(ctx) -> pa.Table:
 # --------------------------------------------------------------------------------------------
 
 
-def _licence(path: str) -> Any:
-    """Licence string from a ``*.provenance.json`` beside the file, when there is one."""
-    p = Path(path)
-    for cand in (p.with_suffix(".provenance.json"), p.parent / (p.stem + ".provenance.json")):
-        if cand.is_file():
-            try:
-                d = json.loads(cand.read_text())
-            except ValueError:
-                return None
-            for k in ("licence", "license", "licence_spdx", "license_spdx"):
-                v = d.get(k)
-                if isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-                    return v
-            return None
-    return None
-
-
 def _iso_set(ctx) -> set[str]:
     from engine.segment1a import inputs
 
@@ -835,10 +818,11 @@ def run(ctx) -> None:
     results = compute_weights(settle, ccy, policy)
     wt = weights_table(results)
     sp = sparse_table(results)
-    licences = {
-        "settlement_shares.csv": _licence(params["settlement_shares.csv"]),
-        "ccy_country_shares.csv": _licence(params["ccy_country_shares.csv"]),
-    }
+    # The receipt lives under parameter_hash= and may depend on nothing else (decision 13): licences
+    # are recorded in the files' *.provenance.json, which parameter_hash does not seal, so they are
+    # referenced, not copied.
+    licences = {name: "see the file's provenance record (not sealed by parameter_hash)"
+                for name in ("ccy_country_shares.csv", "settlement_shares.csv")}
     receipt = build_receipt(results, policy, ctx.ids.parameter_hash, licences)
 
     mid, home, mpath = _merchants(ctx)

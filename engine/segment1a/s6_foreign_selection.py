@@ -748,6 +748,19 @@ def run(ctx) -> None:
     if not ok:
         raise ModelError("E_S6_MEMBERSHIP_MISMATCH", "S6 re-derivation of the top-K selection failed")
 
+    # membership (validated before any log is written: guard-before-emit)
+    sel = d["selected"]
+    memb = pa.table({
+        "merchant_id": pa.array(frame.merchants[frame.row_m[sel]], pa.uint64()),
+        "country_iso": iso_strings(frame.row_iso[sel]),
+        "seed": pa.array(np.full(int(sel.sum()), ctx.ids.seed, dtype=np.uint64), pa.uint64()),
+        "parameter_hash": constant_strings(ctx.ids.parameter_hash, int(sel.sum())),
+        "produced_by_fingerprint": constant_strings(ctx.ids.manifest_fingerprint, int(sel.sum())),
+    })
+    probs = validate_table(memb, schema_path(ctx, "s6_membership"))
+    if probs:
+        raise ModelError("E_SCHEMA_AUTHORITY", "s6_membership does not match its schema", rows=probs)
+
     # events (rows already in (merchant_id, candidate_rank) order)
     ev = np.ones(frame.row_m.shape[0], bool) if policy.log_all_candidates else d["selected"]
     n_ev = int(ev.sum())
@@ -771,20 +784,14 @@ def run(ctx) -> None:
     }
     logs = rnglog.RngLogs(ctx.data_root, ctx.segment, ctx.ids)
     logs.add_events(FAMILY, MODULE, LABEL, cols)
-    logs.close()
-
-    # membership
-    sel = d["selected"]
-    memb = pa.table({
-        "merchant_id": pa.array(frame.merchants[frame.row_m[sel]], pa.uint64()),
-        "country_iso": iso_strings(frame.row_iso[sel]),
-        "seed": pa.array(np.full(int(sel.sum()), ctx.ids.seed, dtype=np.uint64), pa.uint64()),
-        "parameter_hash": constant_strings(ctx.ids.parameter_hash, int(sel.sum())),
-        "produced_by_fingerprint": constant_strings(ctx.ids.manifest_fingerprint, int(sel.sum())),
-    })
-    probs = validate_table(memb, schema_path(ctx, "s6_membership"))
-    if probs:
-        raise ModelError("E_SCHEMA_AUTHORITY", "s6_membership does not match its schema", rows=probs)
+    summary = logs.close()
+    written = int(summary.get("events", {}).get(FAMILY, {}).get("events", 0))
+    touched = [tuple(k) for k in summary.get("trace_keys", [])]
+    trace_ok = written == n_ev
+    isolation_ok = set(touched) <= {(MODULE, LABEL)} and set(summary.get("events", {})) <= {FAMILY}
+    if not (trace_ok and isolation_ok):
+        raise ModelError("E_EVENT_COVERAGE", "S6 RNG logs do not match the selection",
+                         detail={"events_expected": n_ev, "events_written": written, "trace_keys": touched})
 
     reason_counts = {name: int(np.sum(frame.reason == i + 1)) for i, name in enumerate(REASONS)}
     shortfall = (frame.K_realized > 0) & (frame.K_realized < frame.K_target)
@@ -797,7 +804,7 @@ def run(ctx) -> None:
         "policy_digest": file_sha256_hex(policy.path),
         "merchants_processed": int(frame.merchants.shape[0]),
         "merchants_drawing": int(np.sum(frame.K_realized > 0)),
-        "events_written": n_ev,
+        "events_written": written,
         "gumbel_key_expected": int(frame.row_m.shape[0] if policy.log_all_candidates else sel.sum()),
         "gumbel_key_written": n_ev,
         "trace_events": n_ev,
@@ -805,13 +812,12 @@ def run(ctx) -> None:
         "emit_membership_dataset": policy.emit_membership_dataset,
         "log_all_candidates": policy.log_all_candidates,
         "shortfall_count": int(shortfall.sum()),
-        "shortfall_merchants_zero_eligible": int(np.sum((frame.reason == R_ZERO_W))),
         "reason_code_counts": reason_counts,
         "selection_size_histogram": histogram(frame.K_realized[frame.K_target > 0]),
         "s6.run.K_target_total": int(frame.K_target.sum()),
         "s6.run.K_realized_total": int(frame.K_realized.sum()),
-        "rng_isolation_ok": True,
-        "trace_reconciled": True,
+        "rng_isolation_ok": isolation_ok,
+        "trace_reconciled": trace_ok,
         "re_derivation_ok": ok,
     }
     code = "E_IMMUTABLE_PARTITION_EXISTS_NONIDENTICAL"

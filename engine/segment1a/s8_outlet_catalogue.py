@@ -143,6 +143,10 @@ def run(ctx) -> None:
     m_mid, m_iso = read_membership(ctx)
     # merchant-index keys for the set checks
     ci, cf = lookup(merchants, c_mid)
+    drift = cf & c_home & (home[ci] != c_iso)
+    if np.any(drift):  # §5.2 step 1: home = the S3 row with candidate_rank 0
+        raise InputError("E_ORDER_AUTHORITY_DRIFT", "S3 home (rank 0) differs from the merchant's home_country_iso",
+                         rows=[int(x) for x in c_mid[drift][:10]])
     s3_key = np.sort(ci[cf & ~c_home].astype(np.int64) * 676 + c_iso[cf & ~c_home].astype(np.int64))
     mi_m, mf = lookup(merchants, m_mid)
     mem_key = np.sort(mi_m[mf].astype(np.int64) * 676 + m_iso[mf].astype(np.int64))

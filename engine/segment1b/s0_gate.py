@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.core import bundle
-from engine.core.errors import GateError, IdentityError, InputError, PublishError
+from engine.core.errors import GateError, IdentityError, InputError
 
 SEGMENT = "1B"
 STATE = "S0"
@@ -438,5 +438,5 @@ def run_rng_anchor(ctx) -> None:
 
 __all__ = [
     "run", "run_rng_anchor", "verify_1a", "require_receipt", "verified_receipt_exists", "read_catalogue",
-    "receipt_path", "bundle_dir_1a", "partition_files", "file_digests", "PublishError",
+    "receipt_path", "bundle_dir_1a", "partition_files", "file_digests", "token_mismatches",
 ]

@@ -159,8 +159,9 @@ def interior_tiles(shape, min_lon, min_lat, max_lon, max_lat) -> np.ndarray:
     if n == 0 or not shape.parts:
         return out
     boxes = shapely.box(min_lon, min_lat, max_lon, max_lat)
-    tree = shapely.STRtree(boxes)
-    hits = tree.query(np.array(shape.parts, dtype=object), predicate="contains_properly")
+    parts = np.array(shape.parts, dtype=object)
+    shapely.prepare(parts)  # each part is tested against many rectangles
+    hits = shapely.STRtree(boxes).query(parts, predicate="contains_properly")
     out[np.unique(hits[1])] = True
     return out
 
