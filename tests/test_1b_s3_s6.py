@@ -6,7 +6,6 @@ S0 -> S6 on the fixture of ``test_1b_s0.py`` (hand-made 1A bundle, 10-degree gri
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -395,11 +395,12 @@ def verified_receipt_exists(ctx) -> bool:
     return (Path(ctx.path("sealed_inputs_1B")) / SEALED_FILE).is_file()
 
 
-def read_catalogue(ctx, columns: list[str], receipt: dict | None = None) -> pa.Table:
+def read_catalogue(ctx, columns: list[str], receipt: dict | None = None, dictionary: bool = False) -> pa.Table:
     """Read ``outlet_catalogue`` after the gate (S3, S7): the partition's files must be byte-identical to those
     S0 verified (recorded in the receipt; else ``E301_NO_PASS_FLAG``) and every row must carry the 1A tokens
-    (``E306_TOKEN_MISMATCH``). Returns the requested columns, files concatenated in name order; ISO and
-    fingerprint columns come back dictionary-encoded (as stored; cast to string if needed)."""
+    (``E306_TOKEN_MISMATCH``). Returns the requested columns, files concatenated in name order, with the
+    types of the file (strings; with ``dictionary=True`` the ISO / fingerprint columns stay dictionary-encoded
+    as stored, which saves materialising millions of strings)."""
     rec = receipt if receipt is not None else require_receipt(ctx)
     ids1a = _need_ids_1a(ctx)
     cat_dir = Path(ctx.path("outlet_catalogue", segment="1A"))
@@ -416,7 +417,12 @@ def read_catalogue(ctx, columns: list[str], receipt: dict | None = None) -> pa.T
         raise InputError("E306_TOKEN_MISMATCH", f"{bf} outlet_catalogue rows carry another manifest_fingerprint and "
                          f"{bs} another global_seed than the path", path=cat_dir,
                          rows=np.flatnonzero(bad)[:10].tolist())
-    return t.select(list(columns))
+    t = t.select(list(columns))
+    if not dictionary:
+        for i, f in enumerate(t.schema):
+            if pa.types.is_dictionary(f.type):
+                t = t.set_column(i, f.name, t[f.name].cast(f.type.value_type))
+    return t
 
 
 def run_rng_anchor(ctx) -> None:

@@ -210,7 +210,7 @@ def compute(ctx) -> pa.Table:
 
     receipt = s0_gate.require_receipt(ctx)
     cat = s0_gate.read_catalogue(ctx, ["merchant_id", "legal_country_iso", "site_order",
-                                       "final_country_outlet_count"], receipt)
+                                       "final_country_outlet_count"], receipt, dictionary=True)
     codes, labels = iso_codes_array(cat["legal_country_iso"])
     req = requirements(np.asarray(cat["merchant_id"].to_numpy(), dtype=np.uint64), codes, labels,
                        np.asarray(cat["site_order"].to_numpy(), dtype=np.int64),

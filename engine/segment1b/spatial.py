@@ -226,8 +226,8 @@ def read_grid(path: str | Path) -> Grid:
 class RasterWindows:
     """Window reads of band 1 (``with RasterWindows(path) as rw: rw.read(r0, r1, c0, c1)``).
 
-    Returns float64 values exactly as stored plus the NODATA value (``rw.nodata``); the caller decides
-    what NODATA means (S2: mass 0).
+    Returns the values exactly as stored (the band's own dtype) plus the NODATA value (``rw.nodata``);
+    the caller decides what NODATA means (S2: mass 0).
     """
 
     def __init__(self, path: str | Path):
@@ -251,8 +251,7 @@ class RasterWindows:
                 path=self.path,
                 detail={"rows": [row0, row1], "cols": [col0, col1], "shape": [self.height, self.width]},
             )
-        arr = self._ds.read(1, window=Window(col0, row0, col1 - col0, row1 - row0))
-        return arr.astype(np.float64, copy=False)
+        return self._ds.read(1, window=Window(col0, row0, col1 - col0, row1 - row0))
 
     def close(self) -> None:
         self._ds.close()

@@ -1,0 +1,549 @@
+"""1B S2 - ``tile_weights``: integer weights per tile summing to exactly ``10^dp`` per country (spec §4).
+
+No RNG. Inputs: ``tile_index`` (S1, same ``grid=``), ``basis`` and ``dp`` from ``config.segment1b.options``
+(decision 9), and the population raster when ``basis = population``. Output ``tile_weights`` under
+``grid={grid_hash}/weights={weights_hash}/`` (decision 13), one file per country (``part-<ISO>.parquet``,
+rows in ``tile_id`` order): ``country_iso, tile_id, weight_fp, dp, basis``.
+
+Mass per tile (spec §4): ``uniform`` 1; ``area_m2`` the tile's ``pixel_area_m2`` from ``tile_index``;
+``population`` the raster value at (``raster_row``, ``raster_col``), NODATA and NaN counting 0. Negative or
+non-finite mass -> ``E105_NORMALIZATION``. A country whose masses are all zero (e.g. an uninhabited island
+under ``population``) falls back to uniform masses (spec §4 step 1, ``zero_mass_fallback`` in the report).
+
+Quantisation, exact (spec §4): with ``T`` the exact sum of the country's masses and ``K = 10^dp``,
+``z_i = floor(m_i K / T)``, residue ``rho_i = (m_i K) mod T``, shortfall ``S = K - sum z_i``; the ``S`` tiles
+with the largest residues get +1, ties to the smaller ``tile_id``. Every binary64 mass is an integer times
+a power of two, so ``T`` is summed exactly as an integer (mantissas split into 18-bit limbs, summed per
+exponent). ``m K / T`` is evaluated in floating point with a proven error bound ``delta = K 2^-50``; only
+tiles whose quotient lies within ``delta`` of an integer, and the cluster of residues within ``2 delta`` of
+each other around the cut-off, are recomputed with Python integers. The result is exactly the rational
+allocation (the tests compare it with ``fractions.Fraction``) at numpy speed. For ``dp`` so large that
+``delta > 1e-3`` every distinct mass is computed exactly (slower, still exact).
+
+Memory: a country is processed in chunks of ``CHUNK`` tiles over a mass array held in the raster's own
+precision (float32 for a float32 raster), so the largest country of a 30 arc-second grid stays well below
+1 GiB; several processes may work on different countries with identical bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.core.errors import InputError, ModelError
+from engine.segment1b import spatial
+from engine.segment1b.s1_tile_index import ROW_GROUP_ROWS, _dict_const, _workers, parquet_writer
+
+BASES = ("population", "area_m2", "uniform")
+CHUNK = 1 << 21
+RASTER_CHUNK_CELLS = 1 << 24
+HIST_BINS = 1 << 16
+PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
+
+TILE_WEIGHTS_SCHEMA = pa.schema(
+    [
+        ("country_iso", pa.string()),
+        ("tile_id", pa.uint64()),
+        ("weight_fp", pa.int64()),
+        ("dp", pa.int32()),
+        ("basis", pa.string()),
+    ]
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact quantisation
+# --------------------------------------------------------------------------------------------------
+
+
+def _mant_exp(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``m = M * 2**E`` exactly, ``M`` a 53-bit integer (int64), for finite ``m >= 0`` (0 -> M = 0)."""
+    mant, ex = np.frexp(m.astype(np.float64, copy=False))
+    return (mant * 9007199254740992.0).astype(np.int64), ex.astype(np.int64) - 53
+
+
+def _exact_mass(v: float) -> tuple[int, int]:
+    mant, ex = math.frexp(float(v))
+    return int(mant * 9007199254740992.0), ex - 53
+
+
+class _ExactSum:
+    """Exact sum of non-negative binary64 values, accumulated chunk by chunk (per exponent, 18-bit limbs)."""
+
+    def __init__(self):
+        self.by_exp: dict[int, int] = {}
+
+    def add(self, m: np.ndarray) -> None:
+        nz = m[m > 0]
+        if nz.size == 0:
+            return
+        M, E = _mant_exp(nz)
+        e0, e1 = int(E.min()), int(E.max())
+        if e1 - e0 < (1 << 16):  # usual case: a few hundred exponents at most
+            inv = E - e0
+            ue = np.arange(e0, e1 + 1, dtype=np.int64)
+        else:
+            ue, inv = np.unique(E, return_inverse=True)
+        mask = np.int64((1 << 18) - 1)
+        for shift in (0, 18, 36):
+            limb = ((M >> np.int64(shift)) & mask).astype(np.float64)
+            # integer partial sums < n * 2^18 < 2^53: float64 bincount is exact
+            sums = np.bincount(inv, weights=limb, minlength=ue.size)
+            for k in np.flatnonzero(sums).tolist():
+                e = int(ue[k])
+                self.by_exp[e] = self.by_exp.get(e, 0) + (int(sums[k]) << shift)
+
+    def result(self) -> tuple[int, int]:
+        """``(T, emin)`` with the exact sum ``= T * 2**emin`` (``(0, 0)`` when empty)."""
+        if not self.by_exp:
+            return 0, 0
+        emin = min(self.by_exp)
+        return sum(v << (e - emin) for e, v in self.by_exp.items()), emin
+
+
+@dataclass
+class QuantInfo:
+    tiles: int
+    K: int
+    mass_sum: float
+    shortfall: int
+    zero_mass_fallback: bool
+    exact_all: bool
+    exact_values: int
+    cluster_values: int = 0
+
+
+@dataclass
+class _Exact:
+    """Exactly computed (z, rho) for distinct mass values (sorted arrays + dict)."""
+
+    T: int
+    emin: int
+    K: int
+    table: dict = field(default_factory=dict)  # value -> (z, rho)
+
+    def get(self, v: float) -> tuple[int, int]:
+        hit = self.table.get(v)
+        if hit is None:
+            M, E = _exact_mass(v)
+            N = (M * self.K) << (E - self.emin)
+            hit = (N // self.T, N % self.T)
+            self.table[v] = hit
+        return hit
+
+
+class Quantiser:
+    """Largest-remainder quantisation of one country's masses (in ``tile_id`` order) to integers summing to 10^dp.
+
+    ``mass`` is any float array (float32 or float64), finite and >= 0, ordered by ascending ``tile_id``
+    (the order that breaks residue ties). Use :meth:`weights` (whole array) or :meth:`chunks`.
+    """
+
+    def __init__(self, mass: np.ndarray, dp: int, chunk: int = CHUNK):
+        if not (isinstance(dp, (int, np.integer)) and 0 <= int(dp) <= 18):
+            raise InputError("E105_NORMALIZATION", f"dp must be an integer in 0..18, got {dp!r}")
+        self.dp = int(dp)
+        self.K = 10 ** self.dp
+        self.chunk = int(chunk)
+        n = int(mass.shape[0])
+        if n == 0:
+            raise InputError("E103_ZERO_COUNTRY", "a country without tiles cannot be weighted")
+        self.n = n
+        self.mass = mass
+        bad = np.flatnonzero(~np.isfinite(mass) | (mass < 0))
+        if bad.size:
+            raise InputError("E105_NORMALIZATION", "negative or non-finite tile mass",
+                             rows=[f"tile #{int(i)}: {mass[i]!r}" for i in bad[:10]])
+        acc = _ExactSum()
+        for s in range(0, n, self.chunk):
+            acc.add(mass[s:s + self.chunk])
+        T, emin = acc.result()
+        self.zero_mass_fallback = T == 0
+        if self.zero_mass_fallback:  # spec §4 step 1: all masses 0 -> every tile mass 1
+            self.mass = np.ones(n, np.float32)
+            T, emin = n, 0
+        self.T, self.emin = T, emin
+        self.ex = _Exact(T, emin, self.K)
+        self.Kf = float(self.K)
+        self.Tf = math.ldexp(float(T), emin) if T.bit_length() < 1000 else math.inf
+        # |q_float - q| <= 3.01 * 2^-53 * q <= K * 2^-51 (three roundings: m*K, T, division); margin x2
+        self.delta = self.Kf * 2.0 ** -50
+        self.exact_all = not (self.delta <= 1e-3 and math.isfinite(self.Tf) and self.Tf > 2.0 ** -900)
+        # residues used for ordering: within delta of the exact value (exact mode: correctly rounded)
+        self.sel_delta = 2.0 ** -50 if self.exact_all else self.delta
+        self._memo = None
+        self._select()
+
+    # -- per chunk: exact z (int64) and residue fraction r (float64, within delta of the exact value)
+    def _zr(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = m.astype(np.float64, copy=False)
+        if self.exact_all:
+            z = np.zeros(m.shape[0], np.int64)
+            r = np.zeros(m.shape[0], np.float64)
+            unc = np.flatnonzero(m > 0)
+        else:
+            q = m * self.Kf
+            q /= self.Tf
+            zf = np.floor(q)
+            r = q - zf  # exact
+            z = zf.astype(np.int64)
+            unc = np.flatnonzero((m > 0) & ((r < self.delta) | (r > 1.0 - self.delta)))
+        if unc.size:
+            uv, inv = np.unique(m[unc], return_inverse=True)
+            zz = np.empty(uv.size, np.int64)
+            rr = np.empty(uv.size, np.float64)
+            for k, v in enumerate(uv.tolist()):
+                zv, rho = self.ex.get(v)
+                zz[k] = zv
+                rr[k] = rho / self.T  # correctly rounded
+            z[unc] = zz[inv]
+            r[unc] = rr[inv]
+        return z, r
+
+    def _iter(self):
+        if self.n <= self.chunk:  # one chunk: compute once, reuse in every pass
+            if self._memo is None:
+                self._memo = self._zr(self.mass)
+            yield 0, self.mass, self._memo[0], self._memo[1]
+            return
+        for s in range(0, self.n, self.chunk):
+            m = self.mass[s:s + self.chunk]
+            z, r = self._zr(m)
+            yield s, m, z, r
+
+    def _select(self) -> None:
+        """Find which tiles get the +1 (spec §4 step 4) without sorting all residues."""
+        zsum = 0
+        hist = np.zeros(HIST_BINS, np.int64)
+        for _, _, z, r in self._iter():
+            zsum += int(z.sum())
+            hist += np.bincount(np.minimum((r * HIST_BINS).astype(np.int64), HIST_BINS - 1), minlength=HIST_BINS)
+        S = self.K - zsum
+        if not 0 <= S < self.n:
+            raise ModelError("E105_NORMALIZATION", "largest-remainder shortfall out of range",
+                             detail={"K": self.K, "sum_floor": zsum, "tiles": self.n})
+        self.S = S
+        self.hi_c = math.inf  # tiles with r > hi_c get +1
+        self.full_values = np.zeros(0, np.float64)  # cluster masses bumped on every tile
+        self.edge_values = np.zeros(0, np.float64)  # cluster masses bumped on their first `edge_take` tiles
+        self.edge_take = 0
+        self.cluster_values = 0
+        if S == 0:
+            return
+        # bin holding the S-th largest residue
+        above = np.cumsum(hist[::-1])[::-1]  # above[b] = count(bin >= b)
+        b_star = int(np.flatnonzero(above >= S)[-1])
+        d2 = 2 * self.sel_delta
+        w = int(math.ceil(2 * d2 * HIST_BINS)) + 1
+        while True:
+            lo_b, hi_b = max(0, b_star - w), min(HIST_BINS - 1, b_star + w)
+            n_over = int(above[hi_b + 1]) if hi_b + 1 < HIST_BINS else 0
+            vals, cnts = self._distinct_r_in_bins(lo_b, hi_b)
+            order = np.argsort(-vals, kind="stable")
+            vals, cnts = vals[order], cnts[order]
+            cum = n_over + np.cumsum(cnts)
+            k = int(np.searchsorted(cum, S, side="left"))  # vals[k] = the S-th largest residue
+            # chain of residues closer than 2*delta around vals[k]: their order must be decided exactly
+            top = k
+            while top > 0 and vals[top - 1] - vals[top] <= d2:
+                top -= 1
+            bot = k
+            while bot + 1 < vals.size and vals[bot] - vals[bot + 1] <= d2:
+                bot += 1
+            hi_c, lo_c = float(vals[top]), float(vals[bot])
+            edge_hi = (hi_b + 1) / HIST_BINS if hi_b < HIST_BINS - 1 else math.inf
+            edge_lo = lo_b / HIST_BINS if lo_b > 0 else -math.inf
+            if hi_c + d2 < edge_hi and lo_c - d2 >= edge_lo:
+                break
+            if lo_b == 0 and hi_b == HIST_BINS - 1:
+                break
+            w *= 4
+        self.hi_c = hi_c
+        n_above = n_over + int(cnts[:top].sum())
+        rem = S - n_above
+        # exact order of the cluster: by residue (a function of the mass value), then tile_id
+        cv, cc = self._distinct_mass_in_r(lo_c, hi_c)
+        self.cluster_values = int(cv.size)
+        rho = [self.ex.get(v)[1] for v in cv.tolist()]
+        order = sorted(range(cv.size), key=lambda i: -rho[i])
+        full, edge = [], []
+        i = 0
+        while i < len(order) and rem > 0:
+            j = i
+            group = []
+            cnt = 0
+            while j < len(order) and rho[order[j]] == rho[order[i]]:
+                group.append(cv[order[j]])
+                cnt += int(cc[order[j]])
+                j += 1
+            if cnt <= rem:
+                full.extend(group)
+                rem -= cnt
+            else:
+                edge.extend(group)
+                self.edge_take = rem
+                rem = 0
+            i = j
+        self.full_values = np.sort(np.asarray(full, np.float64))
+        self.edge_values = np.sort(np.asarray(edge, np.float64))
+
+    def _distinct_r_in_bins(self, lo_b: int, hi_b: int):
+        vals, cnts = [], []
+        for _, _, _, r in self._iter():
+            b = np.minimum((r * HIST_BINS).astype(np.int64), HIST_BINS - 1)
+            sel = r[(b >= lo_b) & (b <= hi_b)]
+            if sel.size:
+                u, c = np.unique(sel, return_counts=True)
+                vals.append(u)
+                cnts.append(c)
+        if not vals:
+            return np.zeros(0), np.zeros(0, np.int64)
+        u, inv = np.unique(np.concatenate(vals), return_inverse=True)
+        return u, np.bincount(inv, weights=np.concatenate(cnts)).astype(np.int64)
+
+    def _distinct_mass_in_r(self, lo: float, hi: float):
+        vals, cnts = [], []
+        for _, m, _, r in self._iter():
+            sel = m[(r >= lo) & (r <= hi)].astype(np.float64)
+            if sel.size:
+                u, c = np.unique(sel, return_counts=True)
+                vals.append(u)
+                cnts.append(c)
+        u, inv = np.unique(np.concatenate(vals), return_inverse=True)
+        return u, np.bincount(inv, weights=np.concatenate(cnts)).astype(np.int64)
+
+    def chunks(self):
+        """Yield ``(start, weight_fp int64)`` chunk by chunk, in tile order."""
+        taken = 0
+        for s, m, z, r in self._iter():
+            bump = r > self.hi_c
+            if self.full_values.size:
+                bump |= np.isin(m.astype(np.float64, copy=False), self.full_values)
+            if self.edge_take:
+                e = np.flatnonzero(np.isin(m.astype(np.float64, copy=False), self.edge_values))
+                k = min(e.size, self.edge_take - taken)
+                if k > 0:
+                    bump[e[:k]] = True  # ties in tile_id order: the chunk is already in tile_id order
+                    taken += k
+            yield s, z + bump.astype(np.int64)
+
+    def weights(self) -> np.ndarray:
+        out = np.empty(self.n, np.int64)
+        for s, w in self.chunks():
+            out[s:s + w.shape[0]] = w
+        if int(out.sum()) != self.K:
+            raise ModelError("E105_NORMALIZATION", "weights do not sum to 10^dp",
+                             detail={"sum": int(out.sum()), "K": self.K})
+        return out
+
+    def info(self) -> QuantInfo:
+        return QuantInfo(self.n, self.K, float(self.Tf), int(self.S), bool(self.zero_mass_fallback),
+                         bool(self.exact_all), len(self.ex.table), self.cluster_values)
+
+
+def quantise(mass, tile_id, dp: int) -> np.ndarray:
+    """Integer weights (int64) summing to 10^dp for masses keyed by ``tile_id`` (any order; ties by tile_id)."""
+    mass = np.asarray(mass)
+    if mass.dtype.kind != "f":
+        mass = mass.astype(np.float64)
+    tid = np.asarray(tile_id, dtype=np.uint64)
+    order = np.argsort(tid, kind="stable")
+    w = Quantiser(mass[order], dp).weights()
+    out = np.empty_like(w)
+    out[order] = w
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Masses from tile_index (+ raster)
+# --------------------------------------------------------------------------------------------------
+
+
+def country_masses(index_file: Path, basis: str, raster: "spatial.RasterWindows | None") -> tuple[np.ndarray, np.ndarray]:
+    """``(tile_id uint64, mass)`` of one country file of ``tile_index`` (tile_id order checked)."""
+    pf = pq.ParquetFile(index_file)
+    need = {"tile_id"}
+    if basis == "population":
+        need |= {"raster_row", "raster_col"}
+    elif basis == "area_m2":
+        need |= {"pixel_area_m2"}
+    missing = sorted(need - set(pf.schema_arrow.names))
+    if missing:
+        raise InputError("E101_TILE_INDEX_MISSING", f"tile_index lacks columns {missing}", path=index_file)
+    n = pf.metadata.num_rows
+    tid = pf.read(columns=["tile_id"]).column("tile_id").to_numpy()
+    if tid.dtype != np.uint64:
+        tid = tid.astype(np.uint64)
+    if n > 1 and not bool(np.all(tid[1:] > tid[:-1])):
+        k = int(np.flatnonzero(~(tid[1:] > tid[:-1]))[0])
+        raise InputError("E106_MONOTONICITY", "tile_index rows not in strictly increasing tile_id order",
+                         path=index_file, rows=[f"row {k + 1}: tile_id {int(tid[k + 1])} after {int(tid[k])}"])
+    if basis == "uniform":
+        return tid, np.ones(n, np.float32)
+    if basis == "area_m2":
+        return tid, pf.read(columns=["pixel_area_m2"]).column("pixel_area_m2").to_numpy().astype(np.float64)
+    # population: read the country's raster window in row bands and gather (spec §4: never per point)
+    rows = pf.read(columns=["raster_row"]).column("raster_row").to_numpy()
+    cols = pf.read(columns=["raster_col"]).column("raster_col").to_numpy()
+    if n == 0:
+        return tid, np.zeros(0, np.float64)
+    c0, c1 = int(cols.min()), int(cols.max()) + 1
+    if int(rows[-1]) >= raster.height or c1 > raster.width:
+        raise InputError("E002_RASTER_MISMATCH", "tile_index rows/cols outside the raster", path=index_file,
+                         detail={"raster": [raster.height, raster.width], "max_row": int(rows[-1]), "max_col": c1 - 1})
+    band = max(1, RASTER_CHUNK_CELLS // (c1 - c0))
+    mass = None
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # first tile of each raster row
+    urows = rows[starts]
+    i = 0
+    while i < urows.size:
+        r0 = int(urows[i])
+        j = int(np.searchsorted(urows, r0 + band, side="left"))
+        t0 = int(starts[i])
+        t1 = int(starts[j]) if j < urows.size else n
+        win = raster.read(r0, int(urows[j - 1]) + 1, c0, c1)
+        vals = win[(rows[t0:t1] - r0).astype(np.intp), (cols[t0:t1] - c0).astype(np.intp)]
+        if mass is None:
+            mass = np.empty(n, win.dtype if win.dtype in (np.float32, np.float64) else np.float64)
+        mass[t0:t1] = vals
+        i = j
+    # NODATA and NaN count 0 (spec §4)
+    bad = np.isnan(mass)
+    if raster.nodata is not None:
+        bad |= mass == mass.dtype.type(raster.nodata)
+    mass[bad] = 0
+    return tid, mass
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+# constant strings go in as dictionary arrays (no per-row hashing); without the stored Arrow schema a
+# reader sees plain strings, exactly TILE_WEIGHTS_SCHEMA
+_WRITE_SCHEMA = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), pa.string()) if f.name in ("country_iso", "basis") else f.type)
+                           for f in TILE_WEIGHTS_SCHEMA])
+
+
+def weights_writer(path: Path) -> pq.ParquetWriter:
+    return parquet_writer(path, _WRITE_SCHEMA)  # DELTA integers, dictionary strings, zstd (as S1)
+
+
+def weight_country(iso: str, index_file: Path, out_file: Path, basis: str, dp: int,
+                   raster_path: str | None) -> dict:
+    """Weights of one country (one file); returns the report row."""
+    raster = spatial.RasterWindows(raster_path) if basis == "population" else None
+    try:
+        tid, mass = country_masses(index_file, basis, raster)
+    finally:
+        if raster is not None:
+            raster.close()
+    if tid.shape[0] == 0:
+        raise InputError("E103_ZERO_COUNTRY", f"{iso}: tile_index file without tiles", path=index_file)
+    q = Quantiser(mass, dp, chunk=ROW_GROUP_ROWS)
+    del mass
+    total = 0
+    w = weights_writer(out_file)
+    try:
+        for s, wt in q.chunks():  # one chunk = one row group
+            n = wt.shape[0]
+            total += int(wt.sum())
+            w.write_table(pa.table([
+                _dict_const(iso, n),
+                pa.array(tid[s:s + n], pa.uint64()),
+                pa.array(wt, pa.int64()),
+                pa.array(np.full(n, dp, np.int32), pa.int32()),
+                _dict_const(basis, n),
+            ], schema=_WRITE_SCHEMA), row_group_size=n)
+    finally:
+        w.close()
+    if total != q.K:
+        raise ModelError("E105_NORMALIZATION", f"{iso}: weights sum to {total}, not 10^{dp}", path=index_file)
+    info = q.info()
+    return {
+        "country_iso": iso,
+        "tiles": info.tiles,
+        "mass_sum": info.mass_sum,
+        "K": info.K,
+        "postquant_sum_fp": total,
+        "residue_allocations": info.shortfall,
+        "zero_mass_fallback": info.zero_mass_fallback,
+    }
+
+
+_W: dict = {}
+
+
+def _work(iso: str) -> dict:
+    return weight_country(iso, _W["index_dir"] / spatial.country_part_name(iso),
+                          _W["out_dir"] / spatial.country_part_name(iso), _W["basis"], _W["dp"], _W["raster"])
+
+
+def weight_all(index_dir: Path, out_dir: Path, basis: str, dp: int, raster_path: str | None,
+               workers: int = 1) -> list[dict]:
+    """Weights of every country of a ``tile_index`` partition; report rows A-Z (bytes independent of workers)."""
+    if basis not in BASES:
+        raise InputError("E105_NORMALIZATION", f"basis must be one of {list(BASES)}, got {basis!r}")
+    index_dir = Path(index_dir)
+    out_dir = Path(out_dir)
+    if not index_dir.is_dir():
+        raise InputError("E101_TILE_INDEX_MISSING", "tile_index partition not found (run S1 first)", path=index_dir)
+    isos = spatial.partition_countries(index_dir)
+    if not isos:
+        raise InputError("E101_TILE_INDEX_MISSING", "tile_index partition holds no country file", path=index_dir)
+    if basis == "population":
+        grid = spatial.read_grid(raster_path)  # same checks as S1 (the grid is what grid_hash covers)
+        del grid
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if workers <= 1 or len(isos) <= 1:
+        reports = [weight_country(i, index_dir / spatial.country_part_name(i), out_dir / spatial.country_part_name(i),
+                                  basis, dp, raster_path) for i in isos]
+    else:
+        import multiprocessing as mp
+
+        order = sorted(isos, key=lambda i: (-pq.ParquetFile(index_dir / spatial.country_part_name(i)).metadata.num_rows, i))
+        _W.update(index_dir=index_dir, out_dir=out_dir, basis=basis, dp=dp, raster=raster_path)
+        try:
+            with mp.get_context("fork").Pool(workers) as pool:
+                reports = pool.map(_work, order, chunksize=1)
+        finally:
+            _W.clear()
+        reports.sort(key=lambda r: r["country_iso"])
+    return reports
+
+
+def run_with_report(ctx) -> dict:
+    from engine.core import publish
+
+    opts = ctx.config["segment1b"]["options"]
+    basis = opts["basis"]
+    dp = opts["dp"]
+    if basis not in BASES:
+        raise InputError("E105_NORMALIZATION", f"segment1b.options.basis must be one of {list(BASES)}: {basis!r}")
+    if isinstance(dp, bool) or not isinstance(dp, int) or not 0 <= dp <= 18:
+        raise InputError("E105_NORMALIZATION", f"segment1b.options.dp must be an integer in 0..18: {dp!r}")
+    raster = ctx.config["segment1b"]["inputs"]["population_raster"] if basis == "population" else None
+    index_dir = Path(ctx.path("tile_index"))
+    final = Path(ctx.path("tile_weights"))
+    with publish.staged(final, PUBLISH_CODE) as tmp:
+        reports = weight_all(index_dir, Path(tmp), basis, dp, raster, workers=_workers(ctx))
+    return {
+        "grid_hash": ctx.extra.get("grid_hash"),
+        "weights_hash": ctx.extra.get("weights_hash"),
+        "basis": basis,
+        "dp": dp,
+        "countries_total": len(reports),
+        "rows_emitted": int(sum(r["tiles"] for r in reports)),
+        "zero_mass_fallback": [r["country_iso"] for r in reports if r["zero_mass_fallback"]],
+        "per_country": reports,
+    }
+
+
+def run(ctx) -> None:
+    run_with_report(ctx)
