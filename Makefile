@@ -21,3 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_rng.py
+
+# Change planning: `make plan ARGS="--config seed=7"` or `make plan ARGS="--configfile proposed.yaml"`
+plan: $(STAMP)
+	$(BIN)/python -m engine.cli.plan $(ARGS)

@@ -51,9 +51,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import hashlib
 import itertools
 import json
+import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -63,6 +66,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
+import pyarrow.parquet as pq
 
 from engine.core import dictionary
 from engine.core.errors import RngError
@@ -130,7 +134,7 @@ def _fmt_u64(out, pos, x):
     return pos + n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)  # nogil: the next chunk renders while a thread writes/hashes this one
 def _render(row0, row1, kinds, args, pre_start, pre_len, null_idx, omit, blob, u64cols, i64cols, svals, soffs,
             nulls, out):
     """Render rows [row0, row1) into ``out``; returns the byte count. Each step copies its prefix (commas,
@@ -360,7 +364,8 @@ class _Plan:
             self._fields.append((name, K_STR, text, nulls, omit_null))
 
     def chunks(self) -> Iterable[np.ndarray]:
-        """Render all lines; yields byte chunks (numpy views of one reused buffer: consume each at once)."""
+        """Render all lines; yields byte chunks (numpy views of two buffers used in turn: a chunk is valid until
+        the generator is advanced twice more -- :func:`_write_stream` relies on exactly that)."""
         n = self.n
         fields = sorted(self._fields, key=lambda f: f[0])
         blob = bytearray()
@@ -426,9 +431,11 @@ class _Plan:
         so = np.vstack(soffs) if soffs else np.zeros((0, n + 1), np.int64)
         nm = np.vstack(null_rows) if null_rows else np.zeros((0, n), np.bool_)
         rows_per = max(1, _CHUNK_BYTES // bound)
-        buf = np.empty(min(n, rows_per) * bound, dtype=np.uint8)
-        for r0 in range(0, n, rows_per):
+        # two buffers used in turn: the consumer (_write_stream) writes chunk k while chunk k+1 renders
+        bufs = [np.empty(min(n, rows_per) * bound, dtype=np.uint8) for _ in range(1 if n <= rows_per else 2)]
+        for i, r0 in enumerate(range(0, n, rows_per)):
             r1 = min(n, r0 + rows_per)
+            buf = bufs[i % len(bufs)]
             used = _render(r0, r1, kinds, args, pre_start, pre_len, null_idx, omit, blob_arr, u64m, i64m, sv, so,
                            nm, buf)
             yield buf[:used]
@@ -524,26 +531,199 @@ def _locked(path: Path):
         os.close(fd)
 
 
-def _atomic_write(path: Path, chunks: Iterable[Any]) -> None:
-    """Write chunks to ``_tmp.<name>.<hex>`` beside ``path``, fsync, rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"_tmp.{path.name}.{os.urandom(6).hex()}"
-    try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+class _Sink:
+    """Byte sink of one file: writes chunks and feeds the bytes at offsets >= ``hash_from`` to ``hasher``."""
+
+    def __init__(self, f, hasher=None, hash_from: int = 0):
+        self.f, self.hasher, self.hash_from, self.pos = f, hasher, hash_from, 0
+
+    def __call__(self, c: Any) -> None:
+        n = len(c)
+        self.f.write(c)
+        if self.hasher is not None and self.pos + n > self.hash_from:
+            skip = max(0, self.hash_from - self.pos)
+            self.hasher.update(memoryview(c)[skip:] if skip else c)
+        self.pos += n
+
+
+def _write_stream(sink: _Sink, chunks: Iterable[Any]) -> int:
+    """Feed ``chunks`` to ``sink`` in a helper thread, one chunk behind the producer: the producer (the numba
+    renderer, GIL released) makes chunk k+1 while chunk k is written and hashed (file writes and sha256 release
+    the GIL too). A chunk is handed over only after the previous one is done, which is all
+    :meth:`_Plan.chunks` (two buffers in turn) needs. Returns the byte count."""
+    total = 0
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        fut = None
+        for c in chunks:
+            if fut is not None:
+                fut.result()
+            fut = ex.submit(sink, c)
+            total += len(c)
+        if fut is not None:
+            fut.result()
+    return total
+
+
+def _fsync_dir(d: Path) -> None:
     with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
+        fd = os.open(d, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _atomic_write(path: Path, chunks: Iterable[Any], hasher=None, hash_from: int = 0, durable: bool = True) -> int:
+    """Write chunks to ``_tmp.<name>.<hex>`` beside ``path``, fsync, rename over ``path``; returns the size.
+    ``hasher`` (e.g. ``hashlib.sha256()``) receives the bytes from offset ``hash_from`` on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"_tmp.{path.name}.{os.urandom(6).hex()}"
+    try:
+        with open(tmp, "wb") as f:
+            size = _write_stream(_Sink(f, hasher, hash_from), chunks)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    if durable:
+        _fsync_dir(path.parent)
+    return size
+
+
+# ====================================================================== columnar mirrors
+# Every JSONL file the writer produces gets a Parquet "mirror" beside it holding the same rows as typed columns
+# (names start with "_": readers of the log directories ignore them, 00-core 2.2). A mirror records the size
+# and sha256 of the exact JSONL bytes it mirrors; a reader uses it only when the JSONL still has those bytes,
+# otherwise it parses the JSONL (the JSONL stays the authority; ``source="jsonl"`` always parses it). The
+# trace, which grows by appends, has one mirror segment per append covering a byte range of the file.
+MIRROR_KEY = b"rnglog.mirror"
+MIRROR_FORMAT = 1
+_TRACE_SEG_PREFIX = "_mirror.rng_trace_log."
+SOURCES = ("auto", "jsonl")
+
+
+def mirror_path(jsonl: Path) -> Path:
+    """``part-00000.jsonl`` -> ``_mirror.part-00000.parquet`` (same directory)."""
+    return jsonl.parent / f"_mirror.{jsonl.stem}.parquet"
+
+
+def _nullable(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([f.with_nullable(True) for f in schema])
+
+
+def _file_schema(schema: pa.Schema) -> pa.Schema:
+    """Mirror file schema: the read schema with string columns dictionary-encoded (envelope constants)."""
+    return pa.schema([f.with_type(pa.dictionary(pa.int32(), pa.string())) if pa.types.is_string(f.type) else f
+                      for f in schema])
+
+
+def _const_array(value: Any, typ: pa.DataType, n: int) -> pa.Array:
+    if value is None:
+        return pa.nulls(n, typ)
+    if pa.types.is_dictionary(typ):
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], typ.value_type))
+    return pa.repeat(pa.scalar(value, typ), n)
+
+
+def _as_file_type(arr: pa.Array, typ: pa.DataType) -> pa.Array:
+    if pa.types.is_dictionary(typ) and not pa.types.is_dictionary(arr.type):
+        return pc.dictionary_encode(arr.cast(typ.value_type))
+    return arr.cast(typ) if arr.type != typ else arr
+
+
+def _write_mirror(path: Path, fschema: pa.Schema, tables: Iterable[pa.Table], meta: Mapping) -> None:
+    """Write a mirror (temp + rename; no fsync: a lost or torn mirror only means the JSONL is parsed)."""
+    tmp = path.parent / f"_tmp.{path.name}.{os.urandom(6).hex()}"
+    schema = fschema.with_metadata({MIRROR_KEY: json.dumps({"format": MIRROR_FORMAT, **meta}, sort_keys=True)})
+    dict_cols = [f.name for f in fschema if pa.types.is_dictionary(f.type)]
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="none", use_dictionary=dict_cols or False,
+                              write_statistics=False) as w:
+            for t in tables:
+                w.write_table(t.replace_schema_metadata(schema.metadata), row_group_size=1 << 30)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _mirror_meta(path: Path) -> tuple[pq.ParquetFile, dict] | None:
+    try:
+        pf = pq.ParquetFile(path)
+        meta = json.loads(pf.schema_arrow.metadata[MIRROR_KEY])
+    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != MIRROR_FORMAT:
+        return None
+    return pf, meta
+
+
+def _mirror_table(pf: pq.ParquetFile, meta: Mapping, read_schema: pa.Schema,
+                  columns: Sequence[str] | None) -> pa.Table | None:
+    """Rows of a verified mirror as ``read_schema`` (or its ``columns``); None if the mirror does not fit."""
+    if pf.schema_arrow.remove_metadata() != _file_schema(read_schema) or pf.metadata.num_rows != meta.get("rows"):
+        return None  # written under another family schema: parse the JSONL instead
+    names = list(read_schema.names if columns is None else columns)
+    try:
+        t = pf.read(columns=names, use_threads=True)
+    except (OSError, pa.ArrowException):
+        return None
+    target = pa.schema([read_schema.field(c) for c in names])
+    return t.cast(target).replace_schema_metadata(None) if names else t.replace_schema_metadata(None)
+
+
+def _buffer_sha256(buf: Any) -> str:
+    return hashlib.sha256(buf).hexdigest()
+
+
+def _file_sha256(path: Path, size: int) -> str:
+    if size == 0:
+        return hashlib.sha256(b"").hexdigest()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        return _buffer_sha256(mm)
+
+
+def _read_event_mirror(jsonl: Path, read_schema: pa.Schema, columns: Sequence[str] | None) -> pa.Table | None:
+    """The mirror of one event part when it still mirrors the part's exact bytes, else None."""
+    got = _mirror_meta(mirror_path(jsonl))
+    if got is None:
+        return None
+    pf, meta = got
+    try:
+        size = jsonl.stat().st_size
+    except OSError:
+        return None
+    if meta.get("size") != size or meta.get("sha256") != _file_sha256(jsonl, size):
+        return None
+    return _mirror_table(pf, meta, read_schema, columns)
+
+
+def _trace_segments(path: Path) -> list[tuple[int, int, str, pq.ParquetFile, dict]]:
+    """Mirror segments of a trace file: (start, end, sha256, file, meta) sorted by start."""
+    out = []
+    for p in path.parent.glob(f"{_TRACE_SEG_PREFIX}*.parquet"):
+        got = _mirror_meta(p)
+        if got is None:
+            continue
+        pf, meta = got
+        try:
+            out.append((int(meta["start"]), int(meta["end"]), str(meta["sha256"]), pf, meta))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return sorted(out, key=lambda x: (x[0], x[1]))
+
+
+def _trace_segment_path(path: Path, start: int) -> Path:
+    return path.parent / f"{_TRACE_SEG_PREFIX}{start:020d}.parquet"
+
+
+def _drop_trace_segments(path: Path) -> None:
+    for p in path.parent.glob(f"{_TRACE_SEG_PREFIX}*.parquet"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 # ====================================================================== writer
@@ -561,6 +741,9 @@ class _Batch:
     after_lo: np.ndarray
     blocks: np.ndarray
     draws: np.ndarray
+    read_schema: pa.Schema  # the family's read schema (nullable), for the mirror
+    arrays: dict  # typed payload columns
+    consts: dict  # typed payload constants (None = null)
 
 
 class RngLogs:
@@ -723,7 +906,8 @@ class RngLogs:
                 raise RngError("E_RNG_ENVELOPE", f"{family}: column {name}: {exc}") from None
         self._batches.append(_Batch(family, module, label, part, n, plan, counters["before_hi"],
                                     counters["before_lo"], counters["after_hi"], counters["after_lo"],
-                                    counters["blocks"], counters["draws"]))
+                                    counters["blocks"], counters["draws"], _nullable(arrow_schema(schema)),
+                                    arrays, consts))
         return n
 
     @staticmethod
@@ -761,6 +945,7 @@ class RngLogs:
                 keys.append((b.module, b.label))
         totals = {k: [0, 0, 0] for k in keys}  # events, blocks, draws
         trace_plans: list[_Plan] = []
+        trace_tot: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         u64max = int(np.iinfo(np.uint64).max)
         for b in batches:
             t = totals[(b.module, b.label)]
@@ -776,12 +961,16 @@ class RngLogs:
             plan.u64("rng_counter_before_lo", b.before_lo)
             plan.u64("rng_counter_after_hi", b.after_hi)
             plan.u64("rng_counter_after_lo", b.after_lo)
-            plan.u64("events_total", np.arange(t[0] + 1, ev + 1, dtype=np.uint64))
-            plan.u64("blocks_total", np.cumsum(b.blocks, dtype=np.uint64) + np.uint64(t[1]))
-            plan.u64("draws_total", np.cumsum(b.draws, dtype=np.uint64) + np.uint64(t[2]))
+            tot = (np.arange(t[0] + 1, ev + 1, dtype=np.uint64),
+                   np.cumsum(b.blocks, dtype=np.uint64) + np.uint64(t[1]),
+                   np.cumsum(b.draws, dtype=np.uint64) + np.uint64(t[2]))
+            plan.u64("events_total", tot[0])
+            plan.u64("blocks_total", tot[1])
+            plan.u64("draws_total", tot[2])
             trace_plans.append(plan)
+            trace_tot.append(tot)
             totals[(b.module, b.label)] = [ev, bl, dr]
-        # events: one file per (family, part), batches in call order
+        # events: one file per (family, part), batches in call order; then the part's columnar mirror
         groups: dict[tuple[str, int], list[_Batch]] = {}
         for b in batches:
             groups.setdefault((b.family, b.part), []).append(b)
@@ -790,16 +979,98 @@ class RngLogs:
             path = self.event_dir(family) / f"part-{part:05d}.jsonl"
             for b in bs:
                 b.plan.const("ts_utc", ts)
-            _atomic_write(path, (c for b in bs for c in b.plan.chunks()))
+            mpath = mirror_path(path)
+            with contextlib.suppress(FileNotFoundError):
+                mpath.unlink()  # never leave the previous run's mirror beside the new part
+            h = hashlib.sha256()
+            size = _atomic_write(path, (c for b in bs for c in b.plan.chunks()), hasher=h)
+            fschema = _file_schema(bs[0].read_schema)
+            _write_mirror(mpath, fschema, (self._event_table(b, ts, fschema) for b in bs),
+                          {"size": size, "sha256": h.hexdigest(), "rows": sum(b.n for b in bs), "family": family})
             s = summary.setdefault(family, {"events": 0, "parts": []})
             s["events"] += sum(b.n for b in bs)
             s["parts"].append(path.name)
-        # trace: drop this writer's keys, append one cumulative row per event (after the events are durable)
-        path = self.trace_path
-        with _locked(path):
-            kept = _drop_trace_keys(path.read_bytes() if path.exists() else b"", set(keys))
-            _atomic_write(path, itertools.chain([kept], (c for p in trace_plans for c in p.chunks())))
+        # trace (after the events are durable): one cumulative row per event, appended; a key already in the
+        # trace (a re-run) makes the writer drop that key's rows instead, rewriting the file
+        self._write_trace(keys, batches, trace_plans, trace_tot, ts)
         return {"ts_utc": ts, "events": summary, "trace_keys": [list(k) for k in keys]}
+
+    def _event_table(self, b: _Batch, ts: str, fschema: pa.Schema) -> pa.Table:
+        """One batch as mirror rows (the values its JSONL lines carry, typed by the family schema)."""
+        n = b.n
+        env = {"ts_utc": ts, "run_id": self.ids.run_id, "seed": int(self.ids.seed),
+               "parameter_hash": self.ids.parameter_hash, "manifest_fingerprint": self.ids.manifest_fingerprint,
+               "module": b.module, "substream_label": b.label}
+        cols = []
+        for f in fschema:
+            name = f.name
+            if name in env:
+                cols.append(_const_array(env[name], f.type, n))
+            elif name in _ENV_FROM_COL or name == "blocks":
+                cols.append(pa.array(getattr(b, _ENV_FROM_COL.get(name, name)), pa.uint64()).cast(f.type))
+            elif name == "draws":
+                cols.append(_as_file_type(pc.cast(pa.array(b.draws, pa.uint64()), pa.string()), f.type))
+            elif name in b.arrays:
+                cols.append(_as_file_type(b.arrays[name], f.type))
+            else:  # a payload constant, or an optional field this writer did not give (null, as when parsed)
+                cols.append(_const_array(b.consts.get(name), f.type, n))
+        return pa.Table.from_arrays(cols, schema=fschema)
+
+    def _write_trace(self, keys: list[tuple[str, str]], batches: list[_Batch], plans: list[_Plan],
+                     tot: list[tuple[np.ndarray, np.ndarray, np.ndarray]], ts: str) -> None:
+        path = self.trace_path
+        tschema = _nullable(arrow_schema(load_schema(TRACE_SCHEMA_REF)))
+        fschema = _file_schema(tschema)
+
+        def tables():
+            for b, (ev, bl, dr) in zip(batches, tot):
+                env = {"ts_utc": ts, "run_id": self.ids.run_id, "seed": int(self.ids.seed), "module": b.module,
+                       "substream_label": b.label}
+                arrs = {"rng_counter_before_hi": b.before_hi, "rng_counter_before_lo": b.before_lo,
+                        "rng_counter_after_hi": b.after_hi, "rng_counter_after_lo": b.after_lo,
+                        "events_total": ev, "blocks_total": bl, "draws_total": dr}
+                yield pa.Table.from_arrays(
+                    [_const_array(env[f.name], f.type, b.n) if f.name in env else pa.array(arrs[f.name], f.type)
+                     for f in fschema], schema=fschema)
+
+        chunks = (c for p in plans for c in p.chunks())
+        h = hashlib.sha256()
+        kept_table = None
+        with _locked(path):
+            size = path.stat().st_size if path.exists() else 0
+            if size and not _trace_has_keys(path, size, keys):
+                start = size  # the normal first run of a state: O(new rows)
+                with open(path, "ab") as f:
+                    try:
+                        end = start + _write_stream(_Sink(f, h), chunks)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    except BaseException:
+                        f.truncate(start)  # never leave a torn tail (a hard crash is handled by the rewrite)
+                        raise
+            else:  # first writer, a re-run (drop the keys' rows) or a torn tail: rewrite the file
+                with contextlib.ExitStack() as stack:
+                    kept: list[Any] = []
+                    kept_table = None
+                    if size:
+                        f = stack.enter_context(open(path, "rb"))
+                        mm = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+                        view = memoryview(mm)
+                        stack.callback(view.release)
+                        ranges, drop = _trace_keep_ranges(np.frombuffer(mm, np.uint8), keys)
+                        kept = [view[a:b] for a, b in ranges]
+                        kept_table = _kept_trace_rows(path, keys, drop, tschema)
+                    kept_size = sum(len(k) for k in kept)
+                    _drop_trace_segments(path)  # byte ranges move: the old segments no longer apply
+                    start = 0 if kept_table is not None else kept_size
+                    end = _atomic_write(path, itertools.chain(kept, chunks), hasher=h, hash_from=start)
+                    del kept
+                if kept_table is not None:
+                    kept_table = kept_table.cast(fschema)
+            rows = sum(b.n for b in batches) + (kept_table.num_rows if kept_table is not None else 0)
+            _write_mirror(_trace_segment_path(path, start), fschema,
+                          itertools.chain([kept_table] if kept_table is not None else [], tables()),
+                          {"start": start, "end": end, "sha256": h.hexdigest(), "rows": rows})
 
     def __enter__(self) -> "RngLogs":
         return self
@@ -811,24 +1082,145 @@ class RngLogs:
             self.discard()
 
 
+def _json_inner(text: str) -> bytes:
+    """The bytes of a string value between its quotes as the writer renders it (canonical JSON, ASCII)."""
+    return json.dumps(text, ensure_ascii=True).encode("ascii")[1:-1]
+
+
+def _trace_has_keys(path: Path, size: int, keys: Iterable[tuple[str, str]]) -> bool:
+    """True when the trace may hold rows of ``keys`` (a substream label appears in it) or ends in a torn line.
+    Conservative: a False is certain (lines are canonical JSON, written only by this module), a True only
+    costs the rewrite that drops the keys' rows exactly."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[size - 1] != 0x0A:
+            return True
+        for label in sorted({l for _, l in keys}):
+            if mm.find(b'"substream_label":"' + _json_inner(label) + b'"') >= 0:
+                return True
+    return False
+
+
+_PAT_MODULE = np.frombuffer(b'"module":"', dtype=np.uint8).copy()
+_PAT_LABEL = np.frombuffer(b'"substream_label":"', dtype=np.uint8).copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_newlines(buf):
+    c = 0
+    for i in range(buf.shape[0]):
+        if buf[i] == 10:
+            c += 1
+    return c
+
+
+@numba.njit(cache=True, nogil=True)
+def _value_after(buf, i, n, pat):
+    """If ``pat`` starts at i: (value start, value end) of the string after it up to the next quote (end -1
+    if the line ends first); else (-1, -1)."""
+    m = pat.shape[0]
+    if i + m > n:
+        return -1, -1
+    for j in range(m):
+        if buf[i + j] != pat[j]:
+            return -1, -1
+    s = i + m
+    q = s
+    while q < n and buf[q] != 34 and buf[q] != 10:
+        q += 1
+    return s, (q if q < n and buf[q] == 34 else -1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _trace_drop_scan(buf, pat_m, pat_l, kblob, kms, kme, kls, kle, ends, drop):
+    """Per complete line of a trace: its newline position and whether its first ``"module":"..."`` and first
+    ``"substream_label":"..."`` values equal one of the keys (the rule of the regexes of earlier versions);
+    a line lacking either is kept. One pass over the bytes. Returns the number of complete lines (a torn
+    tail is not counted)."""
+    n = buf.shape[0]
+    nk = kms.shape[0]
+    m1 = pat_m[1]
+    l1 = pat_l[1]
+    i = 0
+    ln = 0
+    while i < n:
+        ms, me, ls, le = -1, -1, -1, -1
+        mdone, ldone = False, False
+        while i < n:
+            c = buf[i]
+            if c == 10:
+                break
+            if c == 34 and i + 1 < n:
+                c1 = buf[i + 1]
+                if c1 == m1 and not mdone:
+                    a, b = _value_after(buf, i, n, pat_m)
+                    if a >= 0:
+                        ms, me, mdone = a, b, True
+                elif c1 == l1 and not ldone:
+                    a, b = _value_after(buf, i, n, pat_l)
+                    if a >= 0:
+                        ls, le, ldone = a, b, True
+            i += 1
+        if i >= n:
+            break  # torn tail: no newline
+        d = False
+        if me >= 0 and le >= 0:
+            for k in range(nk):
+                if me - ms != kme[k] - kms[k] or le - ls != kle[k] - kls[k]:
+                    continue
+                same = True
+                for j in range(me - ms):
+                    if buf[ms + j] != kblob[kms[k] + j]:
+                        same = False
+                        break
+                if same:
+                    for j in range(le - ls):
+                        if buf[ls + j] != kblob[kls[k] + j]:
+                            same = False
+                            break
+                if same:
+                    d = True
+                    break
+        ends[ln] = i
+        drop[ln] = d
+        ln += 1
+        i += 1
+    return ln
+
+
+def _trace_keep_ranges(buf: np.ndarray, keys: Iterable[tuple[str, str]]) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Byte ranges of the trace lines to keep (rows of other keys; a torn last line is dropped) and the
+    per-line drop mask of the complete lines."""
+    blob = bytearray()
+    kms, kme, kls, kle = [], [], [], []
+    for m, l in sorted(keys):
+        for text, st, en in ((m, kms, kme), (l, kls, kle)):
+            b = _json_inner(text)
+            st.append(len(blob))
+            blob += b
+            en.append(len(blob))
+    a = lambda x: np.array(x, dtype=np.int64)  # noqa: E731
+    cap = _count_newlines(buf)
+    ends = np.empty(cap, np.int64)
+    drop = np.zeros(cap, np.bool_)
+    n = _trace_drop_scan(buf, _PAT_MODULE, _PAT_LABEL, np.frombuffer(bytes(blob), np.uint8), a(kms), a(kme),
+                         a(kls), a(kle), ends, drop)
+    ends, drop = ends[:n], drop[:n]
+    keep = np.flatnonzero(~drop)
+    if keep.size == 0:
+        return [], drop
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    brk = np.flatnonzero(np.diff(keep) != 1)
+    first = keep[np.concatenate([[0], brk + 1])]
+    last = keep[np.concatenate([brk, [keep.size - 1]])]
+    return list(zip(starts[first].tolist(), (ends[last] + 1).tolist())), drop
+
+
 def _drop_trace_keys(data: bytes, keys: set[tuple[str, str]]) -> bytes:
-    """Existing trace bytes without the rows of ``keys`` (vectorised over lines)."""
+    """Trace bytes without the rows of ``keys`` (and without a torn last line: an append cut short)."""
     if not data:
         return b""
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    if not lines:
-        return b""
-    arr = pa.array(lines, type=pa.binary()).cast(pa.string())
-    mod = pc.extract_regex(arr, r'"module":"(?P<m>[^"]*)"').field("m")
-    lab = pc.extract_regex(arr, r'"substream_label":"(?P<l>[^"]*)"').field("l")
-    combo = pc.binary_join_element_wise(mod, lab, "\x00")
-    drop = pc.is_in(combo, value_set=pa.array([f"{m}\x00{l}" for m, l in sorted(keys)], type=pa.string()))
-    keep = np.flatnonzero(~np.asarray(pc.fill_null(drop, False).to_numpy(zero_copy_only=False), dtype=bool))
-    if keep.size == len(lines):
-        return b"\n".join(lines) + b"\n"
-    return b"".join(lines[i] + b"\n" for i in keep.tolist())
+    ranges, _ = _trace_keep_ranges(np.frombuffer(data, np.uint8), keys)
+    return b"".join(data[a:b] for a, b in ranges)
 
 
 # ====================================================================== reading
@@ -842,24 +1234,42 @@ def _read_jsonl(path: Path, schema: pa.Schema) -> pa.Table:
         raise RngError("E_SCHEMA_INVALID", f"JSON lines do not fit the schema: {exc}", path=path) from None
 
 
+def _check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+
+
 def read_events(data_root: str | Path, ids: Any, family: str, columns: Sequence[str] | None = None,
-                config: Mapping | None = None, with_source: bool = False) -> pa.Table:
+                config: Mapping | None = None, with_source: bool = False, source: str = "auto") -> pa.Table:
     """Events of one family for one run as an Arrow table (explicit schema from the family schema: u64
     exact, floats bit-exact), parts concatenated in part order. ``with_source`` adds ``_part`` (file name)
-    and ``_line`` (0-based line in the part). No event file -> an empty table."""
+    and ``_line`` (0-based line in the part). No event file -> an empty table.
+
+    ``source="auto"`` reads a part's columnar mirror when it still mirrors the part's exact bytes (size and
+    sha256 recorded at writing), else parses the JSONL; ``source="jsonl"`` always parses the JSONL. Both give
+    the same table (``tests/test_rnglog.py`` holds the writer to that)."""
+    _check_source(source)
     d = _dict_for(ids, config)
     schema = arrow_schema(load_schema(d.schema_ref("rng_event", family=family)))
+    read_schema = _nullable(schema)
     directory = event_dir(data_root, ids, family, config)
     parts = sorted(p for p in directory.glob("part-*.jsonl")) if directory.is_dir() else []
+    if columns is not None:
+        unknown = [c for c in columns if c not in schema.names and not (with_source and c in ("_part", "_line"))]
+        if unknown:
+            raise KeyError(f"{family}: unknown columns {unknown}")
+    want = None if columns is None else [c for c in columns if c in schema.names]
     tables = []
     for p in parts:
-        t = _read_jsonl(p, schema).select(schema.names)
+        t = _read_event_mirror(p, read_schema, want) if source == "auto" else None
+        if t is None:
+            t = _read_jsonl(p, schema).select(schema.names if want is None else want)
         if with_source:
-            t = t.append_column("_part", pa.array([p.name] * t.num_rows, type=pa.string()))
+            t = t.append_column("_part", pa.repeat(pa.scalar(p.name, pa.string()), t.num_rows))
             t = t.append_column("_line", pa.array(np.arange(t.num_rows, dtype=np.int64)))
         tables.append(t)
     if not tables:
-        empty = pa.schema([f.with_nullable(True) for f in schema])
+        empty = read_schema
         if with_source:
             empty = empty.append(pa.field("_part", pa.string())).append(pa.field("_line", pa.int64()))
         t = empty.empty_table()
@@ -870,13 +1280,73 @@ def read_events(data_root: str | Path, ids: Any, family: str, columns: Sequence[
     return t
 
 
-def read_trace(data_root: str | Path, ids: Any, config: Mapping | None = None) -> pa.Table:
-    """The run's trace rows (file order), u64 exact; a missing file gives an empty table."""
+def _parse_trace_bytes(buf: pa.Buffer, schema: pa.Schema, path: Path) -> pa.Table:
+    read_schema = _nullable(schema)
+    try:
+        return pj.read_json(pa.BufferReader(buf), read_options=pj.ReadOptions(block_size=1 << 24),
+                            parse_options=pj.ParseOptions(explicit_schema=read_schema,
+                                                          unexpected_field_behavior="error")).select(schema.names)
+    except pa.ArrowInvalid as exc:
+        raise RngError("E_SCHEMA_INVALID", f"JSON lines do not fit the schema: {exc}", path=path) from None
+
+
+def read_trace(data_root: str | Path, ids: Any, config: Mapping | None = None, source: str = "auto") -> pa.Table:
+    """The run's trace rows (file order), u64 exact; a missing file gives an empty table.
+
+    ``source="auto"``: byte ranges of the file covered by a mirror segment whose sha256 still matches are
+    read from the segment, the rest is parsed; ``source="jsonl"`` parses the whole file."""
+    _check_source(source)
+    return _read_trace_file(trace_path(data_root, ids, config), source)
+
+
+def _read_trace_file(path: Path, source: str = "auto") -> pa.Table:
     schema = arrow_schema(load_schema(TRACE_SCHEMA_REF))
-    path = trace_path(data_root, ids, config)
+    read_schema = _nullable(schema)
     if not path.exists() or path.stat().st_size == 0:
-        return pa.schema([f.with_nullable(True) for f in schema]).empty_table()
-    return _read_jsonl(path, schema).select(schema.names)
+        return read_schema.empty_table()
+    segs = _trace_segments(path) if source == "auto" else []
+    if not segs:
+        return _read_jsonl(path, schema).select(schema.names)
+    with pa.memory_map(str(path)) as mm:
+        buf = mm.read_buffer()
+        size = buf.size
+        pieces: list[pa.Table] = []
+        pos = 0
+        for start, end, sha, pf, meta in segs:
+            if start < pos or end > size or end <= start or (start > 0 and buf[start - 1] != 0x0A):
+                continue
+            if _buffer_sha256(buf.slice(start, end - start)) != sha:
+                continue
+            t = _mirror_table(pf, meta, read_schema, None)
+            if t is None:
+                continue
+            if start > pos:
+                pieces.append(_parse_trace_bytes(buf.slice(pos, start - pos), schema, path))
+            pieces.append(t)
+            pos = end
+        if pos < size:
+            pieces.append(_parse_trace_bytes(buf.slice(pos, size - pos), schema, path))
+        return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _kept_trace_rows(path: Path, keys: Iterable[tuple[str, str]], drop: np.ndarray,
+                     schema: pa.Schema) -> pa.Table | None:
+    """Rows of the trace lines a rewrite keeps, as a table (for the rewritten file's mirror): the file read
+    (mirror-assisted) and filtered by key. None unless its rows match the lines one to one, with the same
+    drop decisions as the byte scan (so the mirror can never disagree with the bytes it covers)."""
+    try:
+        old = _read_trace_file(path)
+    except RngError:
+        return None
+    if old.num_rows != drop.shape[0] or old.schema != schema:
+        return None
+    if old.num_rows == 0:
+        return old
+    combo = pc.binary_join_element_wise(old["module"], old["substream_label"], "\x00")
+    tdrop = _bool(pc.is_in(combo, value_set=pa.array([f"{m}\x00{l}" for m, l in sorted(keys)], pa.string())))
+    if not np.array_equal(tdrop, drop):
+        return None
+    return old.filter(pa.array(~tdrop))
 
 
 def read_audit(data_root: str | Path, ids: Any, config: Mapping | None = None) -> list[dict]:
@@ -1054,8 +1524,9 @@ def _final_trace_row(sub: pa.Table) -> dict:
 
 
 def reconcile(data_root: str | Path, ids: Any, families: Iterable[str] | None = None, chain: bool = False,
-              config: Mapping | None = None) -> list[dict]:
-    """Events vs trace vs audit for one run (see module docstring). Returns failure dicts (empty = clean)."""
+              config: Mapping | None = None, source: str = "auto") -> list[dict]:
+    """Events vs trace vs audit for one run (see module docstring). Returns failure dicts (empty = clean).
+    ``source`` as in :func:`read_events` (``"jsonl"``: parse every log file, ignoring the mirrors)."""
     d = _dict_for(ids, config)
     table = d.families()
     if families is None:
@@ -1079,7 +1550,7 @@ def reconcile(data_root: str | Path, ids: Any, families: Iterable[str] | None = 
     for fam in wanted:
         spec = table[fam]
         try:
-            ev = read_events(data_root, ids, fam, config=config, with_source=True)
+            ev = read_events(data_root, ids, fam, config=config, with_source=True, source=source)
         except RngError as exc:  # a line that does not fit the family schema: report, keep checking others
             failures.append(_failure(exc.code, fam, exc.message, path=exc.path))
             continue
@@ -1102,7 +1573,7 @@ def reconcile(data_root: str | Path, ids: Any, families: Iterable[str] | None = 
             acc[2] += exact_sum(draws[mask])
             key_family.setdefault((m, l), fam)
     try:
-        trace = read_trace(data_root, ids, config)
+        trace = read_trace(data_root, ids, config, source=source)
     except RngError as exc:
         failures.append(_failure(exc.code, None, exc.message, path=exc.path))
         return failures
@@ -1149,7 +1620,7 @@ def reconcile(data_root: str | Path, ids: Any, families: Iterable[str] | None = 
 
 
 def accounting(data_root: str | Path, ids: Any, families: Iterable[str] | None = None,
-               config: Mapping | None = None) -> dict:
+               config: Mapping | None = None, source: str = "auto") -> dict:
     """Per-family and per-(module, substream_label) totals for validation bundles (``rng_accounting.json``):
     ``{"audit_present": bool, "families": {family: {events_total, blocks_total, draws_total (decimal str),
     nonconsuming_events}}, "streams": {"module|label": {events_total, blocks_total, draws_total,
@@ -1162,7 +1633,7 @@ def accounting(data_root: str | Path, ids: Any, families: Iterable[str] | None =
                            "families": {}, "streams": {}}
     streams: dict[tuple[str, str], list[int]] = {}
     for fam in wanted:
-        ev = read_events(data_root, ids, fam, config=config)
+        ev = read_events(data_root, ids, fam, config=config, source=source)
         draws, _ = parse_draws(ev) if ev.num_rows else (np.zeros(0, np.uint64), None)
         blocks = _np(ev, "blocks") if ev.num_rows else np.zeros(0, np.uint64)
         nonc = 0
@@ -1179,7 +1650,7 @@ def accounting(data_root: str | Path, ids: Any, families: Iterable[str] | None =
                 acc[0] += int(mask.sum())
                 acc[1] += exact_sum(blocks[mask])
                 acc[2] += exact_sum(draws[mask])
-    trace = read_trace(data_root, ids, config)
+    trace = read_trace(data_root, ids, config, source=source)
     tcombo = (pc.binary_join_element_wise(trace["module"], trace["substream_label"], "\x00")
               if trace.num_rows else None)
     for (m, l), (n_ev, s_bl, s_dr) in sorted(streams.items()):

@@ -22,7 +22,7 @@ largest overlap area with its polygons (ties: smaller ``tile_id``), marked ``inc
 "largest_overlap"``. Every country with a non-empty polygon therefore has at least one tile.
 
 Streaming: a country is processed in row strips of at most ``STRIP_CELLS`` cells of its bounding window;
-row groups of at most ``ROW_GROUP_ROWS`` rows are written as they fill. Several processes may work on
+each strip is written as one row group as soon as it is computed. Several processes may work on
 different countries; each country's file depends only on that country, so bytes never depend on the
 worker count.
 """
@@ -42,6 +42,7 @@ import shapely
 from shapely.geometry import box
 
 from engine.core.errors import InputError, ModelError
+from engine.core.schema import arrow_schema
 from engine.segment1b import spatial
 from engine.segment1b.spatial import CountryShape, Grid
 
@@ -49,34 +50,13 @@ INCLUSION_RULES = ("center",)
 RULE_CENTER = "center"
 RULE_FALLBACK = "largest_overlap"
 STRIP_CELLS = 1 << 22  # cells of the country window per strip (memory bound per worker)
-ROW_GROUP_ROWS = 1 << 21
 ZSTD_LEVEL = 1
 PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
 
-TILE_INDEX_SCHEMA = pa.schema(
-    [
-        ("country_iso", pa.string()),
-        ("tile_id", pa.uint64()),
-        ("raster_row", pa.uint64()),
-        ("raster_col", pa.uint64()),
-        ("centroid_lon", pa.float64()),
-        ("centroid_lat", pa.float64()),
-        ("pixel_area_m2", pa.float64()),
-        ("inclusion_rule", pa.string()),
-    ]
-)
-TILE_BOUNDS_SCHEMA = pa.schema(
-    [
-        ("country_iso", pa.string()),
-        ("tile_id", pa.uint64()),
-        ("min_lat_deg", pa.float64()),
-        ("max_lat_deg", pa.float64()),
-        ("min_lon_deg", pa.float64()),
-        ("max_lon_deg", pa.float64()),
-        ("centroid_lat_deg", pa.float64()),
-        ("centroid_lon_deg", pa.float64()),
-    ]
-)
+# column names, types and order come from the JSON row schemas (contracts/schemas/1B/); required
+# columns are non-nullable, so Parquet stores no definition levels
+TILE_INDEX_SCHEMA = arrow_schema("schemas/1B/tile_index.schema.json")
+TILE_BOUNDS_SCHEMA = arrow_schema("schemas/1B/tile_bounds.schema.json")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,8 +277,11 @@ class GridArrays:
     def of(cls, grid: Grid) -> "GridArrays":
         ll, lr = grid.lon_left(), grid.lon_right()
         lt, lb = grid.lat_top(), grid.lat_bottom()
+        # latitude edges clamped to the poles (a cell cannot extend beyond them); longitude edges kept
+        lat_lo = np.clip(np.minimum(lt, lb), -90.0, 90.0)
+        lat_hi = np.clip(np.maximum(lt, lb), -90.0, 90.0)
         return cls(grid, grid.lon_centres(), grid.lat_centres(), np.minimum(ll, lr), np.maximum(ll, lr),
-                   np.minimum(lt, lb), np.maximum(lt, lb), grid.row_areas_m2())
+                   lat_lo, lat_hi, grid.row_areas_m2())
 
 
 def country_window(ga: GridArrays, bounds) -> tuple[int, int, int, int]:
@@ -368,16 +351,22 @@ def largest_overlap_cell(shape: CountryShape, ga: GridArrays) -> tuple[int, int]
 # --------------------------------------------------------------------------------------------------
 
 
+_ZEROS = {"n": 0, "arr": None}
+
+
 def _dict_const(value: str, n: int) -> pa.Array:
     """A constant string column as a dictionary array: written dictionary-encoded without hashing rows."""
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string()))
+    if _ZEROS["n"] < n:  # one shared all-zero index buffer, sliced (zero-copy)
+        _ZEROS["n"] = max(n, 1 << 20)
+        _ZEROS["arr"] = pa.array(np.zeros(_ZEROS["n"], np.int32))
+    return pa.DictionaryArray.from_arrays(_ZEROS["arr"].slice(0, n), pa.array([value], pa.string()))
 
 
 def _write_schema(schema: pa.Schema) -> pa.Schema:
     # string columns go in as dictionary arrays; the Arrow schema is not stored, so readers see the
     # plain Parquet types of TILE_INDEX_SCHEMA / TILE_BOUNDS_SCHEMA (UTF-8 strings)
-    return pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), pa.string()) if f.type == pa.string() else f.type)
-                      for f in schema])
+    return pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), pa.string()) if f.type == pa.string() else f.type,
+                               nullable=f.nullable) for f in schema])
 
 
 _INDEX_WRITE = _write_schema(TILE_INDEX_SCHEMA)
@@ -448,37 +437,24 @@ def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
 
 
 class _Sink:
-    """Buffers strips and writes row groups of exactly ROW_GROUP_ROWS rows (last one shorter)."""
+    """One Parquet file; every strip becomes one row group (strips are fixed by the grid and the country's
+    window, so row-group boundaries never depend on scheduling)."""
 
     def __init__(self, path: Path, schema: pa.Schema):
         self.path = path
         self.schema = schema
         self.writer: pq.ParquetWriter | None = None
-        self.buf: list[pa.Table] = []
-        self.nbuf = 0
         self.rows = 0
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        self.buf.append(table)
-        self.nbuf += table.num_rows
-        while self.nbuf >= ROW_GROUP_ROWS:
-            self._flush(ROW_GROUP_ROWS)
-
-    def _flush(self, n: int) -> None:
-        t = pa.concat_tables(self.buf)
-        head, tail = t.slice(0, n), t.slice(n)
         if self.writer is None:
             self.writer = parquet_writer(self.path, self.schema)
-        self.writer.write_table(head.combine_chunks(), row_group_size=n)
-        self.rows += head.num_rows
-        self.buf = [tail] if tail.num_rows else []
-        self.nbuf = tail.num_rows
+        self.writer.write_table(table, row_group_size=table.num_rows)
+        self.rows += table.num_rows
 
     def close(self) -> None:
-        if self.nbuf:
-            self._flush(self.nbuf)
         if self.writer is not None:
             self.writer.close()
 

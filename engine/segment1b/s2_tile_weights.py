@@ -31,29 +31,23 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.core.errors import InputError, ModelError
 from engine.segment1b import spatial
-from engine.segment1b.s1_tile_index import ROW_GROUP_ROWS, _dict_const, _workers, parquet_writer
+from engine.core.schema import arrow_schema
+from engine.segment1b.s1_tile_index import _dict_const, _workers, _write_schema, parquet_writer
 
 BASES = ("population", "area_m2", "uniform")
-CHUNK = 1 << 21
-RASTER_CHUNK_CELLS = 1 << 24
+CHUNK = 1 << 21  # tiles per processing chunk = rows per row group of tile_weights
+RASTER_CHUNK_CELLS = 1 << 24  # raster cells per band read
 HIST_BINS = 1 << 16
 PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
 
-TILE_WEIGHTS_SCHEMA = pa.schema(
-    [
-        ("country_iso", pa.string()),
-        ("tile_id", pa.uint64()),
-        ("weight_fp", pa.int64()),
-        ("dp", pa.int32()),
-        ("basis", pa.string()),
-    ]
-)
+TILE_WEIGHTS_SCHEMA = arrow_schema("schemas/1B/tile_weights.schema.json")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,38 +66,71 @@ def _exact_mass(v: float) -> tuple[int, int]:
     return int(mant * 9007199254740992.0), ex - 53
 
 
+@numba.njit(cache=True)
+def _nb_exp_sums(bits, lo, hi):
+    """Add every value's 53-bit integer mantissa into 128-bit (hi, lo) accumulators per biased exponent.
+
+    ``bits`` are binary64 values (>= 0, finite) viewed as int64. A value with biased exponent ``eb`` is
+    ``M * 2**(max(eb, 1) - 1075)``, ``M = fraction | (2^52 if eb > 0)``: exact, no rounding anywhere.
+    """
+    for i in range(bits.shape[0]):
+        b = bits[i]
+        if b == 0:
+            continue
+        eb = (b >> 52) & 0x7FF
+        mant = np.uint64(b & 0xFFFFFFFFFFFFF)
+        if eb > 0:
+            mant = mant | np.uint64(1 << 52)
+        old = lo[eb]
+        new = old + mant
+        lo[eb] = new
+        if new < old:
+            hi[eb] += np.uint64(1)
+
+
 class _ExactSum:
-    """Exact sum of non-negative binary64 values, accumulated chunk by chunk (per exponent, 18-bit limbs)."""
+    """Exact sum of finite non-negative binary64 values, accumulated chunk by chunk (numba kernel)."""
 
     def __init__(self):
-        self.by_exp: dict[int, int] = {}
+        self.lo = np.zeros(2048, np.uint64)
+        self.hi = np.zeros(2048, np.uint64)
 
     def add(self, m: np.ndarray) -> None:
-        nz = m[m > 0]
-        if nz.size == 0:
-            return
-        M, E = _mant_exp(nz)
-        e0, e1 = int(E.min()), int(E.max())
-        if e1 - e0 < (1 << 16):  # usual case: a few hundred exponents at most
-            inv = E - e0
-            ue = np.arange(e0, e1 + 1, dtype=np.int64)
-        else:
-            ue, inv = np.unique(E, return_inverse=True)
-        mask = np.int64((1 << 18) - 1)
-        for shift in (0, 18, 36):
-            limb = ((M >> np.int64(shift)) & mask).astype(np.float64)
-            # integer partial sums < n * 2^18 < 2^53: float64 bincount is exact
-            sums = np.bincount(inv, weights=limb, minlength=ue.size)
-            for k in np.flatnonzero(sums).tolist():
-                e = int(ue[k])
-                self.by_exp[e] = self.by_exp.get(e, 0) + (int(sums[k]) << shift)
+        _nb_exp_sums(np.ascontiguousarray(m, dtype=np.float64).view(np.int64), self.lo, self.hi)
 
     def result(self) -> tuple[int, int]:
         """``(T, emin)`` with the exact sum ``= T * 2**emin`` (``(0, 0)`` when empty)."""
-        if not self.by_exp:
+        used = np.flatnonzero((self.lo != 0) | (self.hi != 0))
+        if used.size == 0:
             return 0, 0
-        emin = min(self.by_exp)
-        return sum(v << (e - emin) for e, v in self.by_exp.items()), emin
+        emin = max(int(used[0]), 1) - 1075
+        T = 0
+        for eb in used.tolist():
+            T += ((int(self.hi[eb]) << 64) + int(self.lo[eb])) << (max(eb, 1) - 1075 - emin)
+        return T, emin
+
+
+@numba.njit(cache=True)
+def _nb_zr(m, kf, tf, delta, z, r):
+    """z = floor(m K / T), r = the fraction (float, |error| <= delta); r = -1 marks tiles to redo exactly."""
+    n_unc = 0
+    for i in range(m.shape[0]):
+        x = np.float64(m[i])
+        if x == 0.0:
+            z[i] = 0
+            r[i] = 0.0
+            continue
+        q = x * kf
+        q = q / tf
+        f = np.floor(q)
+        rr = q - f
+        z[i] = np.int64(f)
+        if rr < delta or rr > 1.0 - delta:
+            r[i] = -1.0
+            n_unc += 1
+        else:
+            r[i] = rr
+    return n_unc
 
 
 @dataclass
@@ -166,7 +193,9 @@ class Quantiser:
         self.zero_mass_fallback = T == 0
         if self.zero_mass_fallback:  # spec §4 step 1: all masses 0 -> every tile mass 1
             self.mass = np.ones(n, np.float32)
-            T, emin = n, 0
+            acc = _ExactSum()
+            acc.add(self.mass)
+            T, emin = acc.result()
         self.T, self.emin = T, emin
         self.ex = _Exact(T, emin, self.K)
         self.Kf = float(self.K)
@@ -181,20 +210,16 @@ class Quantiser:
 
     # -- per chunk: exact z (int64) and residue fraction r (float64, within delta of the exact value)
     def _zr(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        m = m.astype(np.float64, copy=False)
+        n = m.shape[0]
+        z = np.zeros(n, np.int64)
+        r = np.zeros(n, np.float64)
         if self.exact_all:
-            z = np.zeros(m.shape[0], np.int64)
-            r = np.zeros(m.shape[0], np.float64)
             unc = np.flatnonzero(m > 0)
         else:
-            q = m * self.Kf
-            q /= self.Tf
-            zf = np.floor(q)
-            r = q - zf  # exact
-            z = zf.astype(np.int64)
-            unc = np.flatnonzero((m > 0) & ((r < self.delta) | (r > 1.0 - self.delta)))
+            n_unc = _nb_zr(m, self.Kf, self.Tf, self.delta, z, r)
+            unc = np.flatnonzero(r < 0) if n_unc else np.zeros(0, np.intp)
         if unc.size:
-            uv, inv = np.unique(m[unc], return_inverse=True)
+            uv, inv = np.unique(m[unc].astype(np.float64), return_inverse=True)
             zz = np.empty(uv.size, np.int64)
             rr = np.empty(uv.size, np.float64)
             for k, v in enumerate(uv.tolist()):
@@ -364,60 +389,109 @@ def quantise(mass, tile_id, dp: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def country_masses(index_file: Path, basis: str, raster: "spatial.RasterWindows | None") -> tuple[np.ndarray, np.ndarray]:
-    """``(tile_id uint64, mass)`` of one country file of ``tile_index`` (tile_id order checked)."""
+def _column_chunks(pf: pq.ParquetFile, columns: list[str], size: int):
+    """Yield dicts of numpy arrays of exactly ``size`` rows (the last one shorter), streaming the file."""
+    buf: dict[str, list] = {c: [] for c in columns}
+    nbuf = 0
+    for batch in pf.iter_batches(batch_size=size, columns=columns):
+        for c in columns:
+            buf[c].append(batch.column(c).to_numpy(zero_copy_only=False))
+        nbuf += batch.num_rows
+        while nbuf >= size:
+            cat = {c: np.concatenate(v) if len(v) > 1 else v[0] for c, v in buf.items()}
+            yield {c: v[:size] for c, v in cat.items()}
+            buf = {c: [v[size:]] for c, v in cat.items()}
+            nbuf -= size
+    if nbuf:
+        yield {c: np.concatenate(v) if len(v) > 1 else v[0] for c, v in buf.items()}
+
+
+class _BandReader:
+    """Raster values at (row, col) pairs sorted by row, read in block-aligned row bands of one column range."""
+
+    def __init__(self, raster: "spatial.RasterWindows", c0: int, c1: int):
+        self.raster = raster
+        self.c0, self.c1 = c0, c1
+        bh = raster.block_height
+        self.band = max(bh, (RASTER_CHUNK_CELLS // max(1, c1 - c0)) // bh * bh)
+        self.r0 = self.r1 = -1
+        self.win = None
+
+    def values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        out = None
+        i, n = 0, rows.shape[0]
+        while i < n:
+            r = int(rows[i])
+            if not (self.r0 <= r < self.r1):
+                self.r0 = r // self.band * self.band
+                self.r1 = min(self.raster.height, self.r0 + self.band)
+                self.win = self.raster.read(self.r0, self.r1, self.c0, self.c1)
+            j = int(np.searchsorted(rows, self.r1, side="left")) if int(rows[-1]) >= self.r1 else n
+            v = self.win[(rows[i:j] - self.r0).astype(np.intp), (cols[i:j] - self.c0).astype(np.intp)]
+            if out is None:
+                out = np.empty(n, v.dtype)
+            out[i:j] = v
+            i = j
+        return out if out is not None else np.zeros(0, np.float64)
+
+
+def country_masses(index_file: Path, basis: str, raster: "spatial.RasterWindows | None",
+                   chunk: int = CHUNK) -> np.ndarray:
+    """Mass of every tile of one ``tile_index`` country file, in file (= tile_id) order, streamed.
+
+    Checks that ``tile_id`` strictly increases (``E106_MONOTONICITY``). Population masses keep the raster's
+    dtype (float32 stays float32: exact, half the memory); NODATA and NaN become 0 (spec §4).
+    """
     pf = pq.ParquetFile(index_file)
-    need = {"tile_id"}
-    if basis == "population":
-        need |= {"raster_row", "raster_col"}
-    elif basis == "area_m2":
-        need |= {"pixel_area_m2"}
-    missing = sorted(need - set(pf.schema_arrow.names))
+    need = ["tile_id"] + {"population": ["raster_row", "raster_col"], "area_m2": ["pixel_area_m2"]}.get(basis, [])
+    missing = sorted(set(need) - set(pf.schema_arrow.names))
     if missing:
         raise InputError("E101_TILE_INDEX_MISSING", f"tile_index lacks columns {missing}", path=index_file)
     n = pf.metadata.num_rows
-    tid = pf.read(columns=["tile_id"]).column("tile_id").to_numpy()
-    if tid.dtype != np.uint64:
-        tid = tid.astype(np.uint64)
-    if n > 1 and not bool(np.all(tid[1:] > tid[:-1])):
-        k = int(np.flatnonzero(~(tid[1:] > tid[:-1]))[0])
-        raise InputError("E106_MONOTONICITY", "tile_index rows not in strictly increasing tile_id order",
-                         path=index_file, rows=[f"row {k + 1}: tile_id {int(tid[k + 1])} after {int(tid[k])}"])
-    if basis == "uniform":
-        return tid, np.ones(n, np.float32)
-    if basis == "area_m2":
-        return tid, pf.read(columns=["pixel_area_m2"]).column("pixel_area_m2").to_numpy().astype(np.float64)
-    # population: read the country's raster window in row bands and gather (spec §4: never per point)
-    rows = pf.read(columns=["raster_row"]).column("raster_row").to_numpy()
-    cols = pf.read(columns=["raster_col"]).column("raster_col").to_numpy()
-    if n == 0:
-        return tid, np.zeros(0, np.float64)
-    c0, c1 = int(cols.min()), int(cols.max()) + 1
-    if int(rows[-1]) >= raster.height or c1 > raster.width:
-        raise InputError("E002_RASTER_MISMATCH", "tile_index rows/cols outside the raster", path=index_file,
-                         detail={"raster": [raster.height, raster.width], "max_row": int(rows[-1]), "max_col": c1 - 1})
-    band = max(1, RASTER_CHUNK_CELLS // (c1 - c0))
+    reader = None
+    if basis == "population":
+        cmin, cmax, rmax = None, None, None
+        for ch in _column_chunks(pf, ["raster_row", "raster_col"], chunk):
+            c = ch["raster_col"]
+            if c.size:
+                cmin = int(c.min()) if cmin is None else min(cmin, int(c.min()))
+                cmax = int(c.max()) if cmax is None else max(cmax, int(c.max()))
+                rmax = int(ch["raster_row"][-1])
+        if n and (rmax >= raster.height or cmax >= raster.width):
+            raise InputError("E002_RASTER_MISMATCH", "tile_index rows/cols outside the raster", path=index_file,
+                             detail={"raster": [raster.height, raster.width], "max_row": rmax, "max_col": cmax})
+        reader = _BandReader(raster, cmin or 0, (cmax or 0) + 1)
     mass = None
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # first tile of each raster row
-    urows = rows[starts]
-    i = 0
-    while i < urows.size:
-        r0 = int(urows[i])
-        j = int(np.searchsorted(urows, r0 + band, side="left"))
-        t0 = int(starts[i])
-        t1 = int(starts[j]) if j < urows.size else n
-        win = raster.read(r0, int(urows[j - 1]) + 1, c0, c1)
-        vals = win[(rows[t0:t1] - r0).astype(np.intp), (cols[t0:t1] - c0).astype(np.intp)]
+    last = None
+    pos = 0
+    for ch in _column_chunks(pf, need, chunk):
+        tid = ch["tile_id"]
+        k = tid.shape[0]
+        if k:
+            if tid.dtype != np.uint64:
+                tid = tid.astype(np.uint64)
+            ok = bool(np.all(tid[1:] > tid[:-1])) and (last is None or int(tid[0]) > last)
+            if not ok:
+                raise InputError("E106_MONOTONICITY", "tile_index rows not in strictly increasing tile_id order",
+                                 path=index_file, rows=[f"near row {pos}"])
+            last = int(tid[-1])
+        if basis == "uniform":
+            m = np.ones(k, np.float32)
+        elif basis == "area_m2":
+            m = ch["pixel_area_m2"].astype(np.float64, copy=False)
+        else:
+            m = reader.values(ch["raster_row"], ch["raster_col"])
+            if m.dtype.kind != "f":
+                m = m.astype(np.float64)
+            bad = np.isnan(m)
+            if raster.nodata is not None:
+                bad |= m == m.dtype.type(raster.nodata)
+            m[bad] = 0
         if mass is None:
-            mass = np.empty(n, win.dtype if win.dtype in (np.float32, np.float64) else np.float64)
-        mass[t0:t1] = vals
-        i = j
-    # NODATA and NaN count 0 (spec §4)
-    bad = np.isnan(mass)
-    if raster.nodata is not None:
-        bad |= mass == mass.dtype.type(raster.nodata)
-    mass[bad] = 0
-    return tid, mass
+            mass = np.empty(n, m.dtype)
+        mass[pos:pos + k] = m
+        pos += k
+    return mass if mass is not None else np.zeros(0, np.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,8 +501,7 @@ def country_masses(index_file: Path, basis: str, raster: "spatial.RasterWindows 
 
 # constant strings go in as dictionary arrays (no per-row hashing); without the stored Arrow schema a
 # reader sees plain strings, exactly TILE_WEIGHTS_SCHEMA
-_WRITE_SCHEMA = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), pa.string()) if f.name in ("country_iso", "basis") else f.type)
-                           for f in TILE_WEIGHTS_SCHEMA])
+_WRITE_SCHEMA = _write_schema(TILE_WEIGHTS_SCHEMA)
 
 
 def weights_writer(path: Path) -> pq.ParquetWriter:
@@ -440,23 +513,24 @@ def weight_country(iso: str, index_file: Path, out_file: Path, basis: str, dp: i
     """Weights of one country (one file); returns the report row."""
     raster = spatial.RasterWindows(raster_path) if basis == "population" else None
     try:
-        tid, mass = country_masses(index_file, basis, raster)
+        mass = country_masses(index_file, basis, raster)
     finally:
         if raster is not None:
             raster.close()
-    if tid.shape[0] == 0:
+    if mass.shape[0] == 0:
         raise InputError("E103_ZERO_COUNTRY", f"{iso}: tile_index file without tiles", path=index_file)
-    q = Quantiser(mass, dp, chunk=ROW_GROUP_ROWS)
+    q = Quantiser(mass, dp, chunk=CHUNK)
     del mass
     total = 0
     w = weights_writer(out_file)
     try:
-        for s, wt in q.chunks():  # one chunk = one row group
+        tids = _column_chunks(pq.ParquetFile(index_file), ["tile_id"], CHUNK)
+        for (s, wt), ch in zip(q.chunks(), tids):  # one chunk = one row group
             n = wt.shape[0]
             total += int(wt.sum())
             w.write_table(pa.table([
                 _dict_const(iso, n),
-                pa.array(tid[s:s + n], pa.uint64()),
+                pa.array(ch["tile_id"].astype(np.uint64, copy=False), pa.uint64()),
                 pa.array(wt, pa.int64()),
                 pa.array(np.full(n, dp, np.int32), pa.int32()),
                 _dict_const(basis, n),
