@@ -437,3 +437,149 @@ def test_accounting_totals_for_bundles(tmp_path):
     s = acc["streams"]["1A.nb_poisson_component|poisson_nb"]
     assert s == {"events_total": 3, "blocks_total": 9, "draws_total": "9", "trace_rows_total": 3,
                  "trace_final": {"events_total": 3, "blocks_total": 9, "draws_total": 9}}
+
+
+# ---------------------------------------------------------------------- columnar mirrors, trace appends
+def _families_on_disk(root: Path, ids: SegmentIds) -> list[str]:
+    d = root / "logs/rng/events"
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def _mirror_only(monkeypatch) -> None:
+    """Any JSONL parse now fails: reads must come from the mirrors."""
+    def boom(*a, **k):
+        raise AssertionError("JSONL parsed although a valid mirror exists")
+    monkeypatch.setattr(R, "_read_jsonl", boom)
+    monkeypatch.setattr(R, "_parse_trace_bytes", boom)
+
+
+def test_mirrors_equal_the_jsonl_parse_for_every_family(tmp_path, monkeypatch):
+    """Mirror rows == parsed JSONL rows (u64 extremes, nulls, omitted optionals, lists, constants, strings)."""
+    _s2_writer(tmp_path).close()
+    _write_gumbel(tmp_path / "g")
+    logs = logs_with_audit(tmp_path)
+    logs.add_events("dirichlet_gamma_vector", "1A.dirichlet_allocator", "dirichlet_gamma_vector", dict(
+        counters([4, 2], 5), draws=[6, 3], merchant_id=[7, U64MAX], home_country_iso=["GB", "DE"],
+        country_isos=[["GB", "DE"], ["DE"]], alpha=[[1.5, 0.25], [2.0]], gamma_raw=[[2.0, 0.1], [1e-300]],
+        weights=[[0.95, 0.05], [1.0]], n_domestic=[None, 3]))
+    z = np.zeros(1, np.uint64)
+    logs.add_events("anchor", "1A.s0", "s0.anchor", dict(before_hi=z, before_lo=z, after_hi=z, after_lo=z,
+                                                           blocks=z, draws=z))
+    logs.close()
+    for root in (tmp_path, tmp_path / "g"):
+        fams = _families_on_disk(root, IDS)
+        assert len(fams) >= 2
+        parsed = {f: R.read_events(root, IDS, f, source="jsonl", with_source=True) for f in fams}
+        trace = R.read_trace(root, IDS, source="jsonl")
+        for f in fams:
+            for p in R.event_dir(root, IDS, f).glob("part-*.jsonl"):
+                assert R.mirror_path(p).is_file()
+        with monkeypatch.context() as m:
+            _mirror_only(m)
+            for f in fams:
+                got = R.read_events(root, IDS, f, with_source=True)
+                assert got.equals(parsed[f]), f
+                assert got.schema == parsed[f].schema
+                cols = [c for c in ("u", "merchant_id") if c in got.column_names]
+                assert R.read_events(root, IDS, f, columns=cols).equals(parsed[f].select(cols))
+            assert R.read_trace(root, IDS).equals(trace)
+            assert R.reconcile(root, IDS, chain=True) == []
+    with pytest.raises(ValueError):
+        R.read_events(tmp_path, IDS, "anchor", source="parquet")
+
+
+def test_a_changed_jsonl_is_parsed_not_its_stale_mirror(tmp_path):
+    p = _write_gumbel(tmp_path)
+    _edit_line(p, 1, '"draws":"1"', '"draws":"7"')  # same size, same instant: only the bytes differ
+    assert R.read_events(tmp_path, IDS, "gumbel_key")["draws"].to_pylist()[1] == "7"
+    # a corrupt or foreign mirror is ignored, never trusted
+    m = R.mirror_path(p)
+    m.write_bytes(b"not parquet")
+    assert R.read_events(tmp_path, IDS, "gumbel_key")["draws"].to_pylist()[1] == "7"
+    m.unlink()
+    assert R.read_events(tmp_path, IDS, "gumbel_key")["draws"].to_pylist()[1] == "7"
+
+
+def _hurdle_writer(root: Path, n: int = 4) -> None:
+    logs = R.RngLogs(root, "1A", IDS)
+    logs.add_events("hurdle_bernoulli", "1A.hurdle_sampler", "hurdle_bernoulli", dict(
+        counters([1] * n, 3000), draws=[1] * n, merchant_id=np.arange(1, n + 1, dtype=np.uint64), pi=[0.5] * n,
+        u=[0.25] * n, is_multi=[True] * n, deterministic=[False] * n))
+    logs.close()
+
+
+def test_trace_is_appended_when_keys_are_new_and_rewritten_on_a_rerun(tmp_path, monkeypatch):
+    _s2_writer(tmp_path).close()
+    tpath = R.trace_path(tmp_path, IDS)
+    first = tpath.read_bytes()
+    _hurdle_writer(tmp_path)  # a new key: appended, the earlier bytes untouched
+    second = tpath.read_bytes()
+    assert second.startswith(first) and len(second) > len(first)
+    segs = sorted(tpath.parent.glob("_mirror.rng_trace_log.*.parquet"))
+    assert [int(s.name.split(".")[2]) for s in segs] == [0, len(first)]
+    want = R.read_trace(tmp_path, IDS, source="jsonl")
+    with monkeypatch.context() as m:
+        _mirror_only(m)
+        assert R.read_trace(tmp_path, IDS).equals(want)
+    # re-run of S2: its keys' rows are dropped and re-appended; one mirror segment covers the new file
+    _s2_writer(tmp_path).close()
+    third = tpath.read_bytes()
+    assert len(third.splitlines()) == len(second.splitlines())
+    assert [json.loads(x)["module"] for x in third.splitlines()][:4] == ["1A.hurdle_sampler"] * 4
+    assert len(list(tpath.parent.glob("_mirror.rng_trace_log.*.parquet"))) == 1
+    want = R.read_trace(tmp_path, IDS, source="jsonl")
+    with monkeypatch.context() as m:
+        _mirror_only(m)
+        assert R.read_trace(tmp_path, IDS).equals(want)
+        assert R.reconcile(tmp_path, IDS) == []
+    # without its mirror the file is simply parsed
+    for s in tpath.parent.glob("_mirror.rng_trace_log.*.parquet"):
+        s.unlink()
+    assert R.read_trace(tmp_path, IDS).equals(want)
+
+
+def test_trace_gap_parse_and_tampered_segment(tmp_path, monkeypatch):
+    _s2_writer(tmp_path).close()
+    _hurdle_writer(tmp_path)
+    tpath = R.trace_path(tmp_path, IDS)
+    segs = sorted(tpath.parent.glob("_mirror.rng_trace_log.*.parquet"))
+    assert len(segs) == 2
+    segs[0].unlink()  # first range parsed, second from its segment
+    calls = []
+    parse = R._parse_trace_bytes
+    monkeypatch.setattr(R, "_parse_trace_bytes", lambda buf, *a: calls.append(buf.size) or parse(buf, *a))
+    assert R.read_trace(tmp_path, IDS).equals(R.read_trace(tmp_path, IDS, source="jsonl"))
+    assert calls == [int(segs[1].name.split(".")[2])]  # only the uncovered range was parsed
+    assert R.reconcile(tmp_path, IDS) == []
+    # a same-size edit inside the mirrored range: the segment no longer verifies, the edit is seen
+    lines = tpath.read_bytes().splitlines(keepends=True)
+    i = max(j for j, x in enumerate(lines) if b'"substream_label":"hurdle_bernoulli"' in x)
+    lines[i] = lines[i].replace(b'"draws_total":4', b'"draws_total":5')
+    tpath.write_bytes(b"".join(lines))
+    assert _codes(R.reconcile(tmp_path, IDS)) == {"E_TRACE_TOTALS_MISMATCH"}
+
+
+def test_torn_trace_tail_is_dropped_by_the_next_writer(tmp_path):
+    _s2_writer(tmp_path).close()
+    tpath = R.trace_path(tmp_path, IDS)
+    good = tpath.read_bytes()
+    with open(tpath, "ab") as f:
+        f.write(b'{"blocks_total":1,"draws_tot')  # an append cut short by a crash
+    with pytest.raises(RngError, match="E_SCHEMA_INVALID"):
+        R.read_trace(tmp_path, IDS)
+    _hurdle_writer(tmp_path)  # drops the torn line, appends its rows, reconciles clean
+    assert tpath.read_bytes().startswith(good)
+    assert b'"draws_tot{' not in tpath.read_bytes()
+    assert R.read_trace(tmp_path, IDS).num_rows == len(good.splitlines()) + 4
+    assert R.reconcile(tmp_path, IDS) == []
+
+
+def test_drop_trace_keys_matches_the_line_rule():
+    lines = [b'{"module":"A","substream_label":"x"}', b'{"module":"A","substream_label":"xy"}',
+             b'{"module":"B","substream_label":"x"}', b"", b'{"substream_label":"x"}',
+             b'{"module":"A","note":"\\"module\\":\\"B\\"","substream_label":"x"}']
+    data = b"\n".join(lines) + b"\n"
+    kept = R._drop_trace_keys(data, {("A", "x")})
+    assert kept == b"\n".join([lines[1], lines[2], lines[3], lines[4]]) + b"\n"
+    assert R._drop_trace_keys(data + b'{"module":"B"', {("Z", "z")}) == data  # torn tail dropped
+    assert R._drop_trace_keys(b"", {("A", "x")}) == b""

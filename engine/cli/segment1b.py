@@ -104,10 +104,11 @@ def resolve_1a_checked(data_root: Path, ph: str, fp: str, seed: int):
     cfg, source = load_1a_config(data_root, fp, seed)
     r1a = identities.resolve_1a(cfg, REPO, _cache(data_root))
     if (r1a.parameter_hash, r1a.manifest_fingerprint) != (ph, fp):
+        what = "the default inputs" if source.startswith("default") else f"the inputs recorded in {source}"
         raise IdentityError(
             "E_IDENTITY_MISMATCH",
-            "these identities were not produced by the default inputs (and this engine code); run segment1a "
-            "first / pass the same inputs",
+            f"these identities were not produced by {what} (with this engine code); run segment1a first / pass "
+            "the same inputs",
             detail={"given": {"parameter_hash": ph, "manifest_fingerprint": fp, "seed": seed},
                     "resolved": {"parameter_hash": r1a.parameter_hash,
                                  "manifest_fingerprint": r1a.manifest_fingerprint},

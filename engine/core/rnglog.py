@@ -667,12 +667,13 @@ def _mirror_table(pf: pq.ParquetFile, meta: Mapping, read_schema: pa.Schema,
     if pf.schema_arrow.remove_metadata() != _file_schema(read_schema) or pf.metadata.num_rows != meta.get("rows"):
         return None  # written under another family schema: parse the JSONL instead
     names = list(read_schema.names if columns is None else columns)
-    try:
-        t = pf.read(columns=names, use_threads=True)
+    try:  # no column asked: read the smallest one for the row count
+        t = pf.read(columns=names or [read_schema.names[0]], use_threads=True)
     except (OSError, pa.ArrowException):
         return None
-    target = pa.schema([read_schema.field(c) for c in names])
-    return t.cast(target).replace_schema_metadata(None) if names else t.replace_schema_metadata(None)
+    if not names:
+        return t.replace_schema_metadata(None).select([])  # (this order keeps num_rows)
+    return t.cast(pa.schema([read_schema.field(c) for c in names])).replace_schema_metadata(None)
 
 
 def _buffer_sha256(buf: Any) -> str:

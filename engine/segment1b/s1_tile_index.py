@@ -427,7 +427,8 @@ def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
         compression_level=ZSTD_LEVEL,
         use_dictionary=strings,
         column_encoding=enc,
-        write_statistics=False,
+        # min/max of raster_row/raster_col per row group: S2 sizes its raster window without a scan
+        write_statistics=[c for c in ("raster_row", "raster_col") if c in schema.names],
         version="2.6",
         data_page_version="1.0",
         store_schema=False,

@@ -28,6 +28,7 @@ precision (float32 for a float32 raster), so the largest country of a 30 arc-sec
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from engine.core.schema import arrow_schema
 from engine.segment1b.s1_tile_index import _dict_const, _workers, _write_schema, parquet_writer
 
 BASES = ("population", "area_m2", "uniform")
-CHUNK = 1 << 21  # tiles per processing chunk = rows per row group of tile_weights
+CHUNK = 1 << 21  # default chunk of Quantiser (S2 itself follows the row groups of tile_index)
 RASTER_CHUNK_CELLS = 1 << 24  # raster cells per band read
 HIST_BINS = 1 << 16
 PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
@@ -55,15 +56,12 @@ TILE_WEIGHTS_SCHEMA = arrow_schema("schemas/1B/tile_weights.schema.json")
 # --------------------------------------------------------------------------------------------------
 
 
-def _mant_exp(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``m = M * 2**E`` exactly, ``M`` a 53-bit integer (int64), for finite ``m >= 0`` (0 -> M = 0)."""
-    mant, ex = np.frexp(m.astype(np.float64, copy=False))
-    return (mant * 9007199254740992.0).astype(np.int64), ex.astype(np.int64) - 53
-
-
 def _exact_mass(v: float) -> tuple[int, int]:
-    mant, ex = math.frexp(float(v))
-    return int(mant * 9007199254740992.0), ex - 53
+    """``v = M * 2**E`` with the same (M, E) as :func:`_nb_exp_sums` (subnormals: E = -1074)."""
+    bits = struct.unpack("<q", struct.pack("<d", float(v)))[0]
+    eb = (bits >> 52) & 0x7FF
+    frac = bits & 0xFFFFFFFFFFFFF
+    return (frac | (1 << 52) if eb else frac), max(eb, 1) - 1075
 
 
 @numba.njit(cache=True)
@@ -168,10 +166,11 @@ class Quantiser:
     """Largest-remainder quantisation of one country's masses (in ``tile_id`` order) to integers summing to 10^dp.
 
     ``mass`` is any float array (float32 or float64), finite and >= 0, ordered by ascending ``tile_id``
-    (the order that breaks residue ties). Use :meth:`weights` (whole array) or :meth:`chunks`.
+    (the order that breaks residue ties). Use :meth:`weights` (whole array) or :meth:`chunks`, which
+    follows ``bounds`` (chunk start offsets; default: every ``chunk`` tiles).
     """
 
-    def __init__(self, mass: np.ndarray, dp: int, chunk: int = CHUNK):
+    def __init__(self, mass: np.ndarray, dp: int, chunk: int = CHUNK, bounds=None):
         if not (isinstance(dp, (int, np.integer)) and 0 <= int(dp) <= 18):
             raise InputError("E105_NORMALIZATION", f"dp must be an integer in 0..18, got {dp!r}")
         self.dp = int(dp)
@@ -182,13 +181,17 @@ class Quantiser:
             raise InputError("E103_ZERO_COUNTRY", "a country without tiles cannot be weighted")
         self.n = n
         self.mass = mass
+        starts = list(range(0, n, self.chunk)) if bounds is None else [int(b) for b in bounds if 0 <= int(b) < n]
+        if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError("chunk bounds must start at 0 and increase")
+        self.spans = list(zip(starts, starts[1:] + [n]))
         bad = np.flatnonzero(~np.isfinite(mass) | (mass < 0))
         if bad.size:
             raise InputError("E105_NORMALIZATION", "negative or non-finite tile mass",
                              rows=[f"tile #{int(i)}: {mass[i]!r}" for i in bad[:10]])
         acc = _ExactSum()
-        for s in range(0, n, self.chunk):
-            acc.add(mass[s:s + self.chunk])
+        for a, b in self.spans:
+            acc.add(mass[a:b])
         T, emin = acc.result()
         self.zero_mass_fallback = T == 0
         if self.zero_mass_fallback:  # spec §4 step 1: all masses 0 -> every tile mass 1
@@ -231,15 +234,15 @@ class Quantiser:
         return z, r
 
     def _iter(self):
-        if self.n <= self.chunk:  # one chunk: compute once, reuse in every pass
+        if len(self.spans) == 1:  # one chunk: compute once, reuse in every pass
             if self._memo is None:
                 self._memo = self._zr(self.mass)
             yield 0, self.mass, self._memo[0], self._memo[1]
             return
-        for s in range(0, self.n, self.chunk):
-            m = self.mass[s:s + self.chunk]
+        for a, b in self.spans:
+            m = self.mass[a:b]
             z, r = self._zr(m)
-            yield s, m, z, r
+            yield a, m, z, r
 
     def _select(self) -> None:
         """Find which tiles get the +1 (spec §4 step 4) without sorting all residues."""
@@ -389,21 +392,10 @@ def quantise(mass, tile_id, dp: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def _column_chunks(pf: pq.ParquetFile, columns: list[str], size: int):
-    """Yield dicts of numpy arrays of exactly ``size`` rows (the last one shorter), streaming the file."""
-    buf: dict[str, list] = {c: [] for c in columns}
-    nbuf = 0
-    for batch in pf.iter_batches(batch_size=size, columns=columns):
-        for c in columns:
-            buf[c].append(batch.column(c).to_numpy(zero_copy_only=False))
-        nbuf += batch.num_rows
-        while nbuf >= size:
-            cat = {c: np.concatenate(v) if len(v) > 1 else v[0] for c, v in buf.items()}
-            yield {c: v[:size] for c, v in cat.items()}
-            buf = {c: [v[size:]] for c, v in cat.items()}
-            nbuf -= size
-    if nbuf:
-        yield {c: np.concatenate(v) if len(v) > 1 else v[0] for c, v in buf.items()}
+@numba.njit(cache=True)
+def _nb_gather(win, r0, c0, rows, cols, out, lo, hi):
+    for i in range(lo, hi):
+        out[i] = win[np.int64(rows[i]) - r0, np.int64(cols[i]) - c0]
 
 
 class _BandReader:
@@ -418,29 +410,61 @@ class _BandReader:
         self.win = None
 
     def values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        n = rows.shape[0]
         out = None
-        i, n = 0, rows.shape[0]
+        i = 0
         while i < n:
             r = int(rows[i])
             if not (self.r0 <= r < self.r1):
+                self.win = None
                 self.r0 = r // self.band * self.band
                 self.r1 = min(self.raster.height, self.r0 + self.band)
                 self.win = self.raster.read(self.r0, self.r1, self.c0, self.c1)
             j = int(np.searchsorted(rows, self.r1, side="left")) if int(rows[-1]) >= self.r1 else n
-            v = self.win[(rows[i:j] - self.r0).astype(np.intp), (cols[i:j] - self.c0).astype(np.intp)]
             if out is None:
-                out = np.empty(n, v.dtype)
-            out[i:j] = v
+                out = np.empty(n, self.win.dtype)
+            _nb_gather(self.win, self.r0, self.c0, rows, cols, out, i, j)
             i = j
         return out if out is not None else np.zeros(0, np.float64)
 
 
-def country_masses(index_file: Path, basis: str, raster: "spatial.RasterWindows | None",
-                   chunk: int = CHUNK) -> np.ndarray:
-    """Mass of every tile of one ``tile_index`` country file, in file (= tile_id) order, streamed.
+def _row_groups(pf: pq.ParquetFile, columns: list[str]):
+    for g in range(pf.metadata.num_row_groups):
+        t = pf.read_row_group(g, columns=columns)
+        yield {c: t.column(c).to_numpy() for c in columns}
 
-    Checks that ``tile_id`` strictly increases (``E106_MONOTONICITY``). Population masses keep the raster's
-    dtype (float32 stays float32: exact, half the memory); NODATA and NaN become 0 (spec §4).
+
+def _col_range(pf: pq.ParquetFile) -> tuple[int, int, int]:
+    """(min col, max col, max row) of a tile_index file: from the row-group statistics S1 writes, else a scan."""
+    names = pf.schema_arrow.names
+    ci, ri = names.index("raster_col"), names.index("raster_row")
+    cmin = cmax = rmax = None
+    md = pf.metadata
+    for g in range(md.num_row_groups):
+        sc = md.row_group(g).column(ci).statistics
+        sr = md.row_group(g).column(ri).statistics
+        if sc is None or sr is None or not sc.has_min_max or not sr.has_min_max:
+            cmin = None
+            break
+        cmin = int(sc.min) if cmin is None else min(cmin, int(sc.min))
+        cmax = int(sc.max) if cmax is None else max(cmax, int(sc.max))
+        rmax = int(sr.max) if rmax is None else max(rmax, int(sr.max))
+    if cmin is None:
+        for ch in _row_groups(pf, ["raster_row", "raster_col"]):
+            c = ch["raster_col"]
+            if c.size:
+                cmin = int(c.min()) if cmin is None else min(cmin, int(c.min()))
+                cmax = int(c.max()) if cmax is None else max(cmax, int(c.max()))
+                rmax = int(ch["raster_row"].max()) if rmax is None else max(rmax, int(ch["raster_row"].max()))
+    return cmin or 0, cmax or 0, rmax or 0
+
+
+def country_masses(index_file: Path, basis: str, raster: "spatial.RasterWindows | None") -> tuple[np.ndarray, list[int]]:
+    """Mass of every tile of one ``tile_index`` country file, in file (= tile_id) order, streamed by row group.
+
+    Returns ``(mass, row-group start offsets)``. Checks that ``tile_id`` strictly increases
+    (``E106_MONOTONICITY``). Population masses keep the raster's dtype (float32 stays float32: exact, half the
+    memory); NODATA and NaN become 0 (spec §4).
     """
     pf = pq.ParquetFile(index_file)
     need = ["tile_id"] + {"population": ["raster_row", "raster_col"], "area_m2": ["pixel_area_m2"]}.get(basis, [])
@@ -449,32 +473,28 @@ def country_masses(index_file: Path, basis: str, raster: "spatial.RasterWindows 
         raise InputError("E101_TILE_INDEX_MISSING", f"tile_index lacks columns {missing}", path=index_file)
     n = pf.metadata.num_rows
     reader = None
-    if basis == "population":
-        cmin, cmax, rmax = None, None, None
-        for ch in _column_chunks(pf, ["raster_row", "raster_col"], chunk):
-            c = ch["raster_col"]
-            if c.size:
-                cmin = int(c.min()) if cmin is None else min(cmin, int(c.min()))
-                cmax = int(c.max()) if cmax is None else max(cmax, int(c.max()))
-                rmax = int(ch["raster_row"][-1])
-        if n and (rmax >= raster.height or cmax >= raster.width):
+    if basis == "population" and n:
+        cmin, cmax, rmax = _col_range(pf)
+        if rmax >= raster.height or cmax >= raster.width:
             raise InputError("E002_RASTER_MISMATCH", "tile_index rows/cols outside the raster", path=index_file,
                              detail={"raster": [raster.height, raster.width], "max_row": rmax, "max_col": cmax})
-        reader = _BandReader(raster, cmin or 0, (cmax or 0) + 1)
+        reader = _BandReader(raster, cmin, cmax + 1)
     mass = None
     last = None
     pos = 0
-    for ch in _column_chunks(pf, need, chunk):
+    starts = []
+    for ch in _row_groups(pf, need):
         tid = ch["tile_id"]
         k = tid.shape[0]
-        if k:
-            if tid.dtype != np.uint64:
-                tid = tid.astype(np.uint64)
-            ok = bool(np.all(tid[1:] > tid[:-1])) and (last is None or int(tid[0]) > last)
-            if not ok:
-                raise InputError("E106_MONOTONICITY", "tile_index rows not in strictly increasing tile_id order",
-                                 path=index_file, rows=[f"near row {pos}"])
-            last = int(tid[-1])
+        if k == 0:
+            continue
+        starts.append(pos)
+        if tid.dtype != np.uint64:
+            tid = tid.astype(np.uint64)
+        if not (bool(np.all(tid[1:] > tid[:-1])) and (last is None or int(tid[0]) > last)):
+            raise InputError("E106_MONOTONICITY", "tile_index rows not in strictly increasing tile_id order",
+                             path=index_file, rows=[f"near row {pos}"])
+        last = int(tid[-1])
         if basis == "uniform":
             m = np.ones(k, np.float32)
         elif basis == "area_m2":
@@ -491,7 +511,7 @@ def country_masses(index_file: Path, basis: str, raster: "spatial.RasterWindows 
             mass = np.empty(n, m.dtype)
         mass[pos:pos + k] = m
         pos += k
-    return mass if mass is not None else np.zeros(0, np.float64)
+    return (mass if mass is not None else np.zeros(0, np.float64)), starts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,24 +533,27 @@ def weight_country(iso: str, index_file: Path, out_file: Path, basis: str, dp: i
     """Weights of one country (one file); returns the report row."""
     raster = spatial.RasterWindows(raster_path) if basis == "population" else None
     try:
-        mass = country_masses(index_file, basis, raster)
+        mass, starts = country_masses(index_file, basis, raster)
     finally:
         if raster is not None:
             raster.close()
     if mass.shape[0] == 0:
         raise InputError("E103_ZERO_COUNTRY", f"{iso}: tile_index file without tiles", path=index_file)
-    q = Quantiser(mass, dp, chunk=CHUNK)
+    # chunks = tile_index row groups, so each weights row group pairs with one tile_id row group
+    q = Quantiser(mass, dp, bounds=starts)
     del mass
     total = 0
     w = weights_writer(out_file)
     try:
-        tids = _column_chunks(pq.ParquetFile(index_file), ["tile_id"], CHUNK)
-        for (s, wt), ch in zip(q.chunks(), tids):  # one chunk = one row group
+        tids = (ch["tile_id"] for ch in _row_groups(pq.ParquetFile(index_file), ["tile_id"]) if ch["tile_id"].size)
+        for (s, wt), tid in zip(q.chunks(), tids):
             n = wt.shape[0]
+            if tid.shape[0] != n:
+                raise ModelError("E107_DETERMINISM", f"{iso}: tile_index changed while S2 was reading it", path=index_file)
             total += int(wt.sum())
             w.write_table(pa.table([
                 _dict_const(iso, n),
-                pa.array(ch["tile_id"].astype(np.uint64, copy=False), pa.uint64()),
+                pa.array(tid.astype(np.uint64, copy=False), pa.uint64()),
                 pa.array(wt, pa.int64()),
                 pa.array(np.full(n, dp, np.int32), pa.int32()),
                 _dict_const(basis, n),

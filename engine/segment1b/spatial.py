@@ -13,11 +13,12 @@ Inside-country predicate (decision 24, used by S1's rasterizer and offered to S6
 :meth:`CountryShape.contains_points`): a point is inside a country iff, for some polygon part, it lies in
 the *closed* shell (boundary counts inside) and in no *closed* hole (a hole's boundary counts outside).
 
-Antimeridian: a ring with an edge that jumps more than 180 degrees of longitude is written "wrapped"; such
-a part is unwrapped (negative longitudes + 360), cut at 180 and its eastern piece shifted back by -360
-(spec §3). Parts already cut at +-180 (Natural Earth) or spanning the whole width without a jump
-(Antarctica) are used as they are; a part with longitudes beyond +-180 is cut and shifted likewise.
-(The spec's literal "extent > 180 degrees" test would wrongly unwrap Antarctica, hence the edge-jump test.)
+Antimeridian: a ring with an edge that jumps more than 180 degrees of longitude (other than an edge running
+from x = -180 to x = +180, the rim of a polar cap in plate carree) is "wrapped"; such a part is unwrapped
+(negative longitudes + 360), cut at 180 and its eastern piece shifted back by -360 (spec §3). Parts already
+cut at +-180 (Natural Earth) or spanning the whole width without a jump (Antarctica) are used as they are; a
+part with longitudes beyond +-180 is cut and shifted likewise. (The spec's literal "extent > 180 degrees"
+test would wrongly unwrap Antarctica, hence the edge-jump test.)
 
 Errors (spec §3): ``E001_GEO_INVALID`` (invalid/empty/non-polygon geometry), ``E005_ISO_FK`` (a country code
 that is not an ISO alpha-2 code, or not in the ISO table), ``E007_CRS_MISMATCH`` (not geographic),
@@ -167,15 +168,21 @@ class Grid:
 
 
 def zone_cell_area_m2(lat_top_deg, lat_bot_deg, dlon_deg: float) -> np.ndarray:
-    """WGS84 area (m^2) of lat/lon cells ``dlon_deg`` wide between the given parallels (vectorised)."""
+    """WGS84 area (m^2) of lat/lon cells ``dlon_deg`` wide between the given parallels (vectorised).
+
+    ``b^2 dlon [g(phi2) - g(phi1)]`` evaluated without cancellation (a thin cell next to a pole would lose
+    8 digits subtracting two ``g`` values near 1): with ``ds = sin phi2 - sin phi1 = 2 cos(mean) sin(half
+    difference)``, ``g2 - g1 = ds (1 + e^2 s1 s2) / (2 (1 - e^2 s1^2)(1 - e^2 s2^2)) + atanh(e ds / (1 - e^2 s1 s2)) / (2e)``.
+    """
     e = WGS84_E
     e2 = WGS84_E2
-
-    def g(phi_deg):
-        s = np.sin(np.radians(np.asarray(phi_deg, dtype=np.float64)))
-        return s / (2.0 * (1.0 - e2 * s * s)) + np.arctanh(e * s) / (2.0 * e)
-
-    return np.abs(WGS84_B * WGS84_B * math.radians(dlon_deg) * (g(lat_top_deg) - g(lat_bot_deg)))
+    p2 = np.radians(np.asarray(lat_top_deg, dtype=np.float64))
+    p1 = np.radians(np.asarray(lat_bot_deg, dtype=np.float64))
+    s1, s2 = np.sin(p1), np.sin(p2)
+    ds = 2.0 * np.cos(0.5 * (p1 + p2)) * np.sin(0.5 * (p2 - p1))
+    dg = ds * (1.0 + e2 * s1 * s2) / (2.0 * (1.0 - e2 * s1 * s1) * (1.0 - e2 * s2 * s2)) \
+        + np.arctanh(e * ds / (1.0 - e2 * s1 * s2)) / (2.0 * e)
+    return np.abs(WGS84_B * WGS84_B * math.radians(dlon_deg) * dg)
 
 
 def _is_geographic(crs_like) -> bool:
@@ -290,7 +297,14 @@ def _polygon_parts(geom) -> list[Polygon]:
 
 
 def _ring_is_wrapped(coords: np.ndarray) -> bool:
-    return coords.shape[0] > 1 and bool(np.any(np.abs(np.diff(coords[:, 0])) > 180.0))
+    """An edge jumping more than 180 degrees of longitude, other than one running between the two
+    antimeridian lines (x = -180 and x = +180: the edge of a polar cap drawn in plate carree)."""
+    if coords.shape[0] < 2:
+        return False
+    x0, x1 = coords[:-1, 0], coords[1:, 0]
+    jump = np.abs(x1 - x0) > 180.0
+    on_lines = (np.abs(x0) == 180.0) & (np.abs(x1) == 180.0)
+    return bool(np.any(jump & ~on_lines))
 
 
 def _shift(geom, dx: float):
