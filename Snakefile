@@ -21,12 +21,16 @@ configfile: str(REPO / "config.yaml")
 include: "rules/common.smk"
 include: "rules/segment_1a.smk"
 include: "rules/segment_1b.smk"
+include: "rules/report.smk"
+
+
+report: "report/workflow.rst"
 
 
 rule all:
     default_target: True
     input:
-        TARGETS_1A + TARGETS_1B,
+        TARGETS_1A + TARGETS_1B + REPORT_TARGETS,
 
 
 rule segment1a:

@@ -656,7 +656,7 @@ class Auditor:
             self._check_sealed_upstream(records, ids_1a, d1a, sealed_path)
         cfg = self.run.config or {}
         names = set(((cfg.get("segment1b") or {}).get("inputs") or {}).keys()) or None
-        if names is None and isinstance(records, list):  # no config: the 1B inputs are those 1A did not seal
+        if names is None:  # no run config: the engine's required 1B inputs (iso_table is sealed but not hashed in)
             names = set(identities.REQUIRED_INPUTS_1B)
         opts = (pres or {}).get("options") if isinstance(pres, dict) else None
         src = "1B bundle parameter_hash_resolved.json"

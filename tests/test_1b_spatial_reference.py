@@ -113,7 +113,10 @@ def test_raster_grid_and_values():
         a = ds.read(1)
     prov = json.loads(RAS_PROV.read_text())
     valid = a[a >= 0].astype(np.float64)
-    assert valid.size == sum(v["tiles"] for v in prov["per_country"].values())  # NODATA exactly off-tile
+    # NODATA exactly off-tile; a micro-state's fallback cell may also be its neighbour's tile (VA in IT)
+    n_tiles = sum(v["tiles"] for v in prov["per_country"].values())
+    n_fallback = sum(v["inclusion_rule"] == "largest_overlap" for v in prov["per_country"].values())
+    assert n_tiles - n_fallback <= valid.size <= n_tiles
     assert abs(valid.sum() - prov["population_total"]) < 1e-6 * prov["population_total"]
     assert 7.0e9 < prov["population_total"] < 9.0e9
 

@@ -158,6 +158,23 @@ def rng_logs_without_ts(root: Path) -> dict[str, bytes]:
     return out
 
 
+def partition_patterns() -> list[tuple[str, re.Pattern]]:
+    """(dataset_id, regex of its partition directory relative to the data root) for every directory
+    dataset under data/ in both dictionaries (the only place path templates are written)."""
+    from engine.core import dictionary
+
+    out = []
+    for seg in ("1A", "1B"):
+        d = dictionary.load(seg)
+        for ds in d.ids():
+            e = d.entry(ds)
+            if e.is_dir and e.path.startswith("data/"):
+                rx = re.escape(e.path.rstrip("/"))
+                rx = re.sub(r"\\\{[a-z_]+\\\}", "[^/_.][^/]*", rx)
+                out.append((ds, re.compile(rx + "$")))
+    return out
+
+
 class Watcher(threading.Thread):
     """Scans data/ continuously; records every reader-visible partition that is not complete."""
 
@@ -168,6 +185,7 @@ class Watcher(threading.Thread):
         self.problems: list[str] = []
         self.scans = 0
         self._ok: set[tuple[str, int, int]] = set()
+        self.patterns = partition_patterns()
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -231,26 +249,18 @@ class Watcher(threading.Thread):
             return
         for dirpath, dirnames, filenames in os.walk(base):
             d = Path(dirpath)
-            rel = d.relative_to(base)
             dirnames[:] = sorted(x for x in dirnames if not x.startswith(("_", ".")))
-            if not _visible(rel.parts):
+            rel = str(d.relative_to(self.root))
+            dataset = next((ds for ds, rx in self.patterns if rx.match(rel)), None)
+            names = sorted(f for f in filenames if not f.startswith("."))
+            if dataset is not None and not dirnames and not names:
+                self.problems.append(f"{rel}: empty {dataset} partition directory")
                 continue
-            visible_files = sorted(f for f in filenames if not f.startswith((".",)))
-            is_partition = "=" in d.name
-            if is_partition and not dirnames and not visible_files:
-                # an empty partition dir may be a rename in flight: re-check once
-                time.sleep(0.02)
-                try:
-                    if d.is_dir() and not any(d.iterdir()):
-                        self.problems.append(f"{d}: empty partition directory")
-                except FileNotFoundError:
-                    pass
-                continue
-            if "validation" in rel.parts and is_partition and not dirnames:
-                msg = self._check_bundle(d, visible_files)
+            if dataset is not None and dataset.startswith("validation_bundle"):
+                msg = self._check_bundle(d, names)
                 if msg:
                     self.problems.append(msg)
-            for f in visible_files:
+            for f in names:
                 if f.startswith("_"):
                     continue
                 msg = self._check_file(d / f)
@@ -300,23 +310,31 @@ def reference(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------------------- tests
 def test_second_workflow_on_same_data_root_is_refused(tmp_path):
+    """Snakemake builds the DAG before it takes the lock: a second run is refused either by the
+    incomplete-output check (an output of a running job already exists) or by the directory lock;
+    with --rerun-incomplete it always reaches the lock, which refuses it and names --unlock."""
     root = tmp_path / "locked"
     log = tmp_path / "first.log"
     first = _start(root, log)
     try:
         # the first run holds the lock once its lock files exist
         _wait_for(lambda: any((root / ".snakemake" / "locks").glob("*")), first, 120, "the first run's lock", log)
-        second = subprocess.run(_cmd(root), env=_env(), capture_output=True, text=True, timeout=300)
+        plain = subprocess.run(_cmd(root), env=_env(), capture_output=True, text=True, timeout=300)
+        forced = subprocess.run(_cmd(root, ["--rerun-incomplete"]), env=_env(), capture_output=True, text=True,
+                                timeout=300)
         still_running = first.poll() is None
     finally:
         _kill_group(first)
-    text = second.stdout + second.stderr
     assert still_running, "the first workflow ended before the second one tried the lock"
-    assert second.returncode != 0
-    assert LOCK_MESSAGE in text, text[-3000:]
-    assert "--unlock" in text  # the message says how to recover from a stale lock
-    # refused before doing anything: no job of its own was started
-    assert "rule s1a_s0_foundations" not in second.stdout
+    plain_text = plain.stdout + plain.stderr
+    assert plain.returncode != 0
+    assert LOCK_MESSAGE in plain_text or "IncompleteFilesException" in plain_text, plain_text[-3000:]
+    forced_text = forced.stdout + forced.stderr
+    assert forced.returncode != 0
+    assert LOCK_MESSAGE in forced_text, forced_text[-3000:]
+    assert "--unlock" in forced_text  # the message says how to recover from a stale lock
+    for text in (plain_text, forced_text):  # refused before running anything
+        assert "Finished jobid" not in text and "has been submitted" not in text
 
 
 def test_sigkill_mid_state_then_rerun_is_byte_identical(reference, tmp_path):
@@ -330,7 +348,8 @@ def test_sigkill_mid_state_then_rerun_is_byte_identical(reference, tmp_path):
         kills.append(_kill_mid_state(root, log, watcher, "logs/jobs/1B/s1/*.log", "1B.S1", 0,
                                      staged_parent="data/layer1/1B/tile_index"))
         # a stale lock stays after SIGKILL: the next run is refused until --unlock (runbook)
-        refused = subprocess.run(_cmd(root), env=_env(), capture_output=True, text=True, timeout=300)
+        refused = subprocess.run(_cmd(root, ["--rerun-incomplete"]), env=_env(), capture_output=True, text=True,
+                                 timeout=300)
         assert refused.returncode != 0 and LOCK_MESSAGE in refused.stdout + refused.stderr
         subprocess.run(_cmd(root, ["--unlock"]), env=_env(), capture_output=True, text=True, timeout=300, check=True)
 
@@ -377,3 +396,41 @@ def test_sigkill_mid_state_then_rerun_is_byte_identical(reference, tmp_path):
     # staging leftovers of the killed attempts are invisible to readers (`_` prefix); report them
     if hidden:
         print("stale staging entries left by the killed attempts (ignored by readers):\n  " + "\n  ".join(hidden))
+
+
+def test_watcher_flags_partial_partitions_and_ignores_staging(tmp_path):
+    """The watcher itself can fail: a torn Parquet file, an empty partition and a bundle without
+    index.json are reported; a `_tmp.*` staging dir full of garbage is not."""
+    import pyarrow as pa
+
+    fp = "f" * 64
+    good = tmp_path / f"data/layer1/1A/sealed_inputs/fingerprint={fp}"
+    good.mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1, 2, 3]}), good / "part-00000.parquet")
+    w = Watcher(tmp_path)
+    w.scan()
+    assert w.problems == []
+
+    torn = tmp_path / f"data/layer1/1A/s0_gate_receipt/fingerprint={fp}"
+    torn.mkdir(parents=True)
+    data = (good / "part-00000.parquet").read_bytes()
+    (torn / "part-00000.parquet").write_bytes(data[: len(data) // 2])
+    (tmp_path / f"data/layer1/1A/outlet_catalogue/seed=1/fingerprint={fp}").mkdir(parents=True)
+    bundle = tmp_path / f"data/layer1/1B/validation/seed=1/fingerprint={fp}"
+    bundle.mkdir(parents=True)
+    (bundle / "s9_summary.json").write_text("{}")
+    staging = tmp_path / f"data/layer1/1A/hurdle_pi_probs/parameter_hash={fp}/_tmp.fingerprint={fp}.00"
+    staging.mkdir(parents=True)
+    (staging / "part-00000.parquet").write_bytes(b"garbage")
+    w = Watcher(tmp_path)
+    w.scan()
+    text = "\n".join(w.problems)
+    assert "s0_gate_receipt" in text and "unreadable" in text
+    assert "empty outlet_catalogue partition" in text
+    assert "bundle without index.json" in text
+    assert "hurdle_pi_probs" not in text
+    assert len(w.problems) == 3, text
+
+    got, leftovers = digest(tmp_path)
+    assert leftovers == [str(staging.relative_to(tmp_path)) + "/"]
+    assert not [k for k in got if "_tmp" in k]

@@ -295,6 +295,9 @@ def weights_hash(grid_hash_bytes: bytes, basis: str, dp: int, raster_sha256: byt
 # --------------------------------------------------------------------------------------------------
 
 
+REPORT_ONLY_FILES = {"engine/report.py", "rules/report.smk"}
+
+
 def code_files(repo_root: str | Path) -> list[str]:
     """Relative POSIX paths of the files in the code digest, sorted bytewise."""
     root = Path(repo_root)
@@ -323,6 +326,8 @@ def code_files(repo_root: str | Path) -> list[str]:
                 rels.add(p.relative_to(root).as_posix())
     if (root / "scripts" / "run_state.py").is_file():
         rels.add("scripts/run_state.py")
+    # The run report writes only under reports/, never under data/: its code is not part of the identity.
+    rels -= REPORT_ONLY_FILES
     return sorted(rels, key=lambda s: s.encode("utf-8"))
 
 
