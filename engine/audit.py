@@ -399,6 +399,8 @@ class Auditor:
         # which records enter which identity (identities.resolve_1a / resolve_1b layouts)
         params, arts, files = [], [], []
         for r in records:
+            if not isinstance(r, dict):
+                continue
             name, kind, sha = str(r.get("asset_id")), r.get("kind"), str(r.get("sha256_hex"))
             if kind in ("parameter", "options"):
                 params.append((name, sha))
@@ -424,6 +426,9 @@ class Auditor:
             got = ids_of(recorded)
         except EngineError as e:
             self.add(f"{segment}.sealed_records", False, f"{e.code}: {e.message}", sealed_path)
+            return
+        except ValueError as e:  # a digest that is not hex
+            self.add(f"{segment}.sealed_records", False, f"a sealed digest is not hex: {e}", sealed_path)
             return
         bad = self._identity_compare(got, want)
         self.add(f"{segment}.sealed_records", not bad,
@@ -464,7 +469,7 @@ class Auditor:
         # identities from the bytes as they are now
         try:
             now = ids_of(current)
-        except EngineError as e:
+        except (EngineError, ValueError) as e:
             self.add(f"{segment}.identities_from_inputs", False, f"{e.code}: {e.message}", None)
             return
         bad = self._identity_compare(now, want)

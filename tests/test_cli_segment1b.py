@@ -62,7 +62,7 @@ def test_run_reads_the_stored_1a_config(tmp_path, capsys):
     r_default = _default_1a(5)
     r_stored = identities.resolve_1a(engine_config.resolve({**stored, "seed": 5}), REPO)
     assert r_stored.parameter_hash != r_default.parameter_hash
-    p = tmp_path / cli.CONFIG_1A.format(fp=r_stored.manifest_fingerprint, seed=5)
+    p = tmp_path / cli.CONFIG_1A_path(r_stored.manifest_fingerprint, 5)
     p.parent.mkdir(parents=True)
     p.write_text(json.dumps({**stored, "seed": 5}))
     cfg, r1a, source = cli.resolve_1a_checked(tmp_path, r_stored.parameter_hash, r_stored.manifest_fingerprint, 5)
@@ -121,7 +121,7 @@ def recorded_world(tmp_path, monkeypatch):
     s7.run(ctx)
     s8.run(ctx)
     s9.run(ctx)
-    rec = ctx.data_root / cli.RECORD_1B.format(fp=ctx.ids.manifest_fingerprint, seed=ctx.ids.seed)
+    rec = ctx.data_root / cli.RECORD_1B_path(ctx.ids.manifest_fingerprint, ctx.ids.seed)
     assert json.loads(rec.read_text())["ids_1b"]["run_id"] == ctx.ids.run_id
     return ctx
 
@@ -264,7 +264,7 @@ def test_runbook_section_3_end_to_end(tmp_path):
     if rc != 0 or not out1a or not out1a.get("passed"):
         pytest.skip(f"1A outputs cannot be produced yet (segment1a exit {rc}): {_failed_jobs(root) or err[-800:]}")
     ph, fp = out1a["parameter_hash"], out1a["manifest_fingerprint"]
-    stored = root / cli.CONFIG_1A.format(fp=fp, seed=E2E_SEED)
+    stored = root / cli.CONFIG_1A_path(fp, E2E_SEED)
     if not stored.is_file():
         # until segment1a stores the configuration of its run, store what its own argument parsing resolves to
         from engine.cli import segment1a

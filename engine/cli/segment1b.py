@@ -42,8 +42,22 @@ from engine.core.errors import EngineError, IdentityError, GateError
 
 # Ops records under logs/ (not datasets, never read by a state): where the CLIs keep the resolved configuration
 # of a run so a later command can find it from the run's identities.
-CONFIG_1A = "logs/config/1A/fingerprint={fp}/seed={seed}/config.json"
-RECORD_1B = "logs/config/1B/fingerprint={fp}/seed={seed}/segment1b_run.json"  # = s9_validation.RUN_RECORD
+
+
+def _ops_path(segment: str, dataset_id: str, fp: str, seed) -> str:
+    """Ops record path from the dictionary; fp/seed may be '*' for a glob."""
+    from engine.core import dictionary as _d
+
+    t = _d.load(segment).template(dataset_id)
+    return t.replace("{manifest_fingerprint}", str(fp)).replace("{seed}", str(seed))
+
+
+def CONFIG_1A_path(fp: str, seed) -> str:
+    return _ops_path("1A", "run_config_1A", fp, seed)
+
+
+def RECORD_1B_path(fp: str, seed) -> str:
+    return _ops_path("1B", "run_record_1B", fp, seed)
 S0_RULE = "s1b_s0_gate"
 BASES = ("population", "area_m2", "uniform")
 
@@ -85,7 +99,7 @@ def _config_doc(doc: dict) -> dict:
 
 def load_1a_config(data_root: Path, fp: str, seed: int) -> tuple[dict, str]:
     """The configuration of the 1A run (stored by the 1A workflow when present, else the default)."""
-    p = data_root / CONFIG_1A.format(fp=fp, seed=seed)
+    p = data_root / CONFIG_1A_path(fp, seed)
     if p.is_file():
         try:
             cfg = _config_doc(json.loads(p.read_text()))
@@ -152,8 +166,8 @@ def _ids_from(d: dict, segment: str) -> SegmentIds:
 
 def _candidate_configs(data_root: Path, fp: str, seed: int):
     """Stored 1A configurations for ``seed`` (the one at ``fp`` first), then the default configuration."""
-    paths = sorted((data_root / "logs" / "config" / "1A").glob(f"fingerprint=*/seed={seed}/config.json"))
-    first = data_root / CONFIG_1A.format(fp=fp, seed=seed)
+    paths = sorted(data_root.glob(CONFIG_1A_path("*", seed)))
+    first = data_root / CONFIG_1A_path(fp, seed)
     paths.sort(key=lambda p: p != first)
     for p in paths:
         try:
@@ -169,9 +183,8 @@ def resolve_for_validate(data_root: Path, ph: str, fp: str, seed: int, run_id: s
                          dictionary: str | None = None) -> RunContext:
     """The RunContext of the 1B run named by 1A or 1B identities (module docstring)."""
     candidates = []
-    base = data_root / "logs" / "config" / "1B"
-    if base.is_dir():
-        for rec in sorted(base.glob(f"fingerprint=*/seed={seed}/segment1b_run.json")):
+    if True:
+        for rec in sorted(data_root.glob(RECORD_1B_path("*", seed))):
             try:
                 doc = json.loads(rec.read_text())
             except ValueError:

@@ -104,7 +104,6 @@ COUNTRY_TOL_DEG = 1e-9
 REQUIRED_FILES = ("MANIFEST.json", "egress_checksums.json", "manifest_fingerprint_resolved.json",
                   "parameter_hash_resolved.json", "rng_accounting.json", "s9_summary.json")
 # ops record under logs/ (not a dataset): the resolved run, so `segment1b validate-s9` can find it from identities
-RUN_RECORD = "logs/config/1B/fingerprint={fp}/seed={seed}/segment1b_run.json"
 _PART_RE = re.compile(r"^part-[0-9]{5}\.parquet$")
 _TRACE_CODES = ("E_TRACE_COVERAGE_MISSING", "E_TRACE_TOTALS_MISMATCH")
 MAX_ROWS = 10
@@ -768,7 +767,7 @@ def write_run_record(ctx) -> Path:
     ``engine.cli.segment1b validate-s9`` finds the run through it from its 1A or 1B identities."""
     import json
 
-    p = Path(ctx.data_root) / RUN_RECORD.format(fp=ctx.ids.manifest_fingerprint, seed=int(ctx.ids.seed))
+    p = Path(ctx.path("run_record_1B"))
     p.parent.mkdir(parents=True, exist_ok=True)
     doc = {"config": ctx.config, "ids_1a": _ids_record(ctx.ids_1a), "ids_1b": _ids_record(ctx.ids),
            "extra": dict(ctx.extra)}
