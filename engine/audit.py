@@ -798,7 +798,8 @@ class Auditor:
                     continue
                 rel = p.relative_to(root).as_posix()
                 toks = dictionary.parse_tokens(rel)
-                if all(v in allowed[k] for k, v in toks.items() if k in allowed):
+                # a partition of this run: every identity token it carries is one of the run's values
+                if all(k in allowed and v in allowed[k] for k, v in toks.items()):
                     out[rel] = p
             return out
 

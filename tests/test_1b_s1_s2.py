@@ -189,14 +189,11 @@ def test_dateline_parts():
 
 def test_rasterizer_equals_point_predicate_on_real_coastlines():
     shapes = spatial.load_world_countries(REPO / "reference" / "spatial" / "world_countries" / "world_countries.gpkg")
-    g = Grid(4320 * 2, 2160 * 2, (1 / 24, 0.0, -180.0, 0.0, -1 / 24, 90.0))  # 2.5', not the shipped grid
+    g = Grid(4320, 2160, (1 / 12, 0.0, -180.0, 0.0, -1 / 12, 90.0))
     ga = s1.GridArrays.of(g)
-    for iso in ("IT", "NO", "FJ", "ID"):  # peninsulas, fjords, islands, the antimeridian
+    for iso in ("IT", "NO", "FJ", "ID"):  # peninsulas, fjords, islands, the antimeridian (FJ: full width)
         got = np.concatenate([r * g.width + c for r, c in s1.country_strips(shapes[iso], ga)])
         r0, r1, c0, c1 = s1.country_window(ga, shapes[iso].bounds)
-        if iso == "FJ":  # spans the whole width: check a band of rows
-            r1 = min(r1, r0 + 40)
-            got = got[got < r1 * g.width]
         lon, lat = np.meshgrid(ga.lon_c[c0:c1], ga.lat_c[r0:r1])
         inside = shapes[iso].contains_points(lon.ravel(), lat.ravel())
         rr, cc = np.divmod(np.flatnonzero(inside), c1 - c0)
@@ -399,7 +396,7 @@ def test_quantise_equals_exact_rational_allocation():
             m = np.full(n, 1 / 3)
         else:  # near-ties: masses one ulp apart
             m = np.nextafter(np.full(n, 0.7), 1.0 * rng.integers(0, 2, n))
-        tids = rng.permutation(10 ** 7)[:n].astype(np.uint64)
+        tids = rng.choice(10 ** 7, size=n, replace=False).astype(np.uint64)
         dp = int(rng.integers(0, 19))
         got = s2.quantise(m, tids, dp)
         assert np.array_equal(got, oracle(m, tids, dp)), (trial, kind, dp)
@@ -408,12 +405,12 @@ def test_quantise_equals_exact_rational_allocation():
 
 def test_chunked_passes_equal_one_pass():
     rng = np.random.default_rng(3)
-    m = (rng.random(50_000) * 100).astype(np.float32)
+    m = (rng.random(20_000) * 100).astype(np.float32)
     m[::7] = m[3]  # many equal masses: ties resolved by tile order across chunks
     m[::11] = 0
     whole = s2.Quantiser(m, 6, chunk=1 << 21).weights()
     chunked = s2.Quantiser(m, 6, chunk=997).weights()
-    uneven = s2.Quantiser(m, 6, bounds=[0, 5, 4000, 4001, 30000]).weights()
+    uneven = s2.Quantiser(m, 6, bounds=[0, 5, 4000, 4001, 15000]).weights()
     assert np.array_equal(whole, chunked) and np.array_equal(whole, uneven)
     assert np.array_equal(whole, oracle(m, np.arange(m.size), 6))
 

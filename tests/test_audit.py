@@ -43,11 +43,6 @@ class Run:
 
 @pytest.fixture(scope="session")
 def run(tmp_path_factory) -> Run:
-    import os
-    if os.environ.get("DEV_AUDIT_ROOT"):  # TEMP-DEV
-        r = Path(os.environ["DEV_AUDIT_ROOT"])
-        c = json.loads(next((r / "logs/config/1A").rglob("config.json")).read_text())
-        return Run(r, Path(c["segment1a"]["parameters"][SWAPPED_PARAM]))
     base = tmp_path_factory.mktemp("audit")
     cfg = default_config()
     inputs = base / "inputs"

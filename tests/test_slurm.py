@@ -36,7 +36,7 @@ def slurm_unavailable() -> str | None:
     except subprocess.TimeoutExpired:
         return "Slurm not available: `sinfo` did not answer within 30 s"
     if proc.returncode != 0:
-        return f"Slurm not available: `sinfo` failed: {proc.stderr.strip()[:300]}"
+        return f"Slurm not available: `sinfo` failed: {(proc.stderr.strip().splitlines() or ['?'])[0][:300]}"
     states = {s.strip().rstrip("*~#$@+!%") for s in proc.stdout.split()}
     if not states & USABLE:
         return f"Slurm not available: no usable node (sinfo states: {sorted(states) or 'none'})"

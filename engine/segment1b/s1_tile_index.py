@@ -295,8 +295,27 @@ def country_window(ga: GridArrays, bounds) -> tuple[int, int, int, int]:
     return r0, max(r0, r1), c0, max(c0, c1)
 
 
-def country_strips(shape: CountryShape, ga: GridArrays, strip_cells: int = STRIP_CELLS):
-    """Yield ``(rows, cols)`` int64 arrays of the country's centre-rule tiles, strip by strip, tile_id order."""
+class StripBuffers:
+    """Reusable per-process buffers for one strip (first-touch page faults on fresh arrays cost more than
+    the gathers themselves at 30 arc-seconds). Views handed out are valid until the next strip."""
+
+    def __init__(self, cells: int = STRIP_CELLS):
+        self.cells = cells
+        self.mask = np.zeros(cells, np.uint8)
+        self.rows = np.empty(cells, np.int64)
+        self.cols = np.empty(cells, np.int64)
+        self.tid = np.empty(cells, np.uint64)
+        self.ru = np.empty(cells, np.uint64)
+        self.cu = np.empty(cells, np.uint64)
+        self.f = np.empty((7, cells), np.float64)
+
+
+def country_strips(shape: CountryShape, ga: GridArrays, strip_cells: int = STRIP_CELLS,
+                   bufs: StripBuffers | None = None):
+    """Yield ``(rows, cols)`` int64 arrays of the country's centre-rule tiles, strip by strip, tile_id order.
+
+    With ``bufs`` the arrays are views into the buffers, valid until the next strip is requested.
+    """
     if not shape.parts:
         return
     r0, r1, c0, c1 = country_window(ga, shape.bounds)
@@ -308,14 +327,67 @@ def country_strips(shape: CountryShape, ga: GridArrays, strip_cells: int = STRIP
     cx = np.ascontiguousarray(ga.lon_c[c0:c1])
     for rs in range(r0, r1, step):
         re_ = min(r1, rs + step)
-        mask = np.zeros((re_ - rs, w), np.uint8)
+        ncell = (re_ - rs) * w
+        use = bufs is not None and ncell <= bufs.cells
+        if use:
+            mask = bufs.mask[:ncell].reshape(re_ - rs, w)
+            mask[:] = 0
+        else:
+            mask = np.zeros((re_ - rs, w), np.uint8)
         bad = _scan_parts(pe.x1, pe.y1, pe.x2, pe.y2, pe.hole, pe.start, pe.end, cx,
                           np.ascontiguousarray(ga.lat_c[rs:re_]), mask)
         if bad >= 0:
             raise InputError("E001_GEO_INVALID", f"{shape.iso}: polygon ring not closed", rows=[f"part {bad}"])
-        idx = np.flatnonzero(mask)
-        if idx.size:
-            yield rs + idx // w, c0 + idx % w
+        if use:
+            k = _mask_rc_into(mask, rs, c0, bufs.rows, bufs.cols)
+            rows, cols = bufs.rows[:k], bufs.cols[:k]
+        else:
+            rows, cols = _mask_rc(mask, rs, c0)
+        if rows.size:
+            yield rows, cols
+
+
+@numba.njit(cache=True)
+def _mask_rc_into(mask, r0, c0, rows, cols):
+    """Row/col of the set cells of a strip mask, row-major (= tile_id order); returns their count."""
+    k = 0
+    for i in range(mask.shape[0]):
+        for j in range(mask.shape[1]):
+            if mask[i, j] != 0:
+                rows[k] = r0 + i
+                cols[k] = c0 + j
+                k += 1
+    return k
+
+
+@numba.njit(cache=True)
+def _mask_rc(mask, r0, c0):
+    n = 0
+    for i in range(mask.shape[0]):
+        for j in range(mask.shape[1]):
+            n += mask[i, j] != 0
+    rows = np.empty(n, np.int64)
+    cols = np.empty(n, np.int64)
+    _mask_rc_into(mask, r0, c0, rows, cols)
+    return rows, cols
+
+
+@numba.njit(cache=True)
+def _gather_into(rows, cols, width, lon_c, lat_c, area, lat_min, lat_max, lon_min, lon_max, tid, ru, cu, out):
+    """Every output column of a strip in one pass (per-row / per-column grid values gathered per tile)."""
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        c = cols[i]
+        ru[i] = np.uint64(r)
+        cu[i] = np.uint64(c)
+        tid[i] = np.uint64(r) * np.uint64(width) + np.uint64(c)
+        out[0, i] = lon_c[c]
+        out[1, i] = lat_c[r]
+        out[2, i] = area[r]
+        out[3, i] = lat_min[r]
+        out[4, i] = lat_max[r]
+        out[5, i] = lon_min[c]
+        out[6, i] = lon_max[c]
 
 
 def largest_overlap_cell(shape: CountryShape, ga: GridArrays) -> tuple[int, int] | None:
@@ -359,7 +431,7 @@ def _dict_const(value: str, n: int) -> pa.Array:
     if _ZEROS["n"] < n:  # one shared all-zero index buffer, sliced (zero-copy)
         _ZEROS["n"] = max(n, 1 << 20)
         _ZEROS["arr"] = pa.array(np.zeros(_ZEROS["n"], np.int32))
-    return pa.DictionaryArray.from_arrays(_ZEROS["arr"].slice(0, n), pa.array([value], pa.string()))
+    return pa.DictionaryArray.from_arrays(_ZEROS["arr"].slice(0, n), pa.array([value], pa.string()), safe=False)
 
 
 def _write_schema(schema: pa.Schema) -> pa.Schema:
@@ -373,40 +445,24 @@ _INDEX_WRITE = _write_schema(TILE_INDEX_SCHEMA)
 _BOUNDS_WRITE = _write_schema(TILE_BOUNDS_SCHEMA)
 
 
-def tile_index_table(iso: str, rows: np.ndarray, cols: np.ndarray, ga: GridArrays, rule: str = RULE_CENTER) -> pa.Table:
+def strip_tables(iso: str, rows: np.ndarray, cols: np.ndarray, ga: GridArrays, rule: str = RULE_CENTER,
+                 bufs: StripBuffers | None = None) -> tuple[pa.Table, pa.Table]:
+    """``tile_index`` and ``tile_bounds`` rows of one strip (the two tables share their arrays; with ``bufs``
+    they are views into the buffers, to be written before the next strip)."""
     n = rows.shape[0]
-    tid = rows.astype(np.uint64) * np.uint64(ga.grid.width) + cols.astype(np.uint64)
-    return pa.table(
-        [
-            _dict_const(iso, n),
-            pa.array(tid, pa.uint64()),
-            pa.array(rows.astype(np.uint64), pa.uint64()),
-            pa.array(cols.astype(np.uint64), pa.uint64()),
-            pa.array(ga.lon_c[cols], pa.float64()),
-            pa.array(ga.lat_c[rows], pa.float64()),
-            pa.array(ga.area[rows], pa.float64()),
-            _dict_const(rule, n),
-        ],
-        schema=_INDEX_WRITE,
-    )
-
-
-def tile_bounds_table(iso: str, rows: np.ndarray, cols: np.ndarray, ga: GridArrays) -> pa.Table:
-    n = rows.shape[0]
-    tid = rows.astype(np.uint64) * np.uint64(ga.grid.width) + cols.astype(np.uint64)
-    return pa.table(
-        [
-            _dict_const(iso, n),
-            pa.array(tid, pa.uint64()),
-            pa.array(ga.lat_min[rows], pa.float64()),
-            pa.array(ga.lat_max[rows], pa.float64()),
-            pa.array(ga.lon_min[cols], pa.float64()),
-            pa.array(ga.lon_max[cols], pa.float64()),
-            pa.array(ga.lat_c[rows], pa.float64()),
-            pa.array(ga.lon_c[cols], pa.float64()),
-        ],
-        schema=_BOUNDS_WRITE,
-    )
+    if bufs is None or n > bufs.cells:
+        bufs = StripBuffers(max(n, 1))
+    tid, ru, cu, f = bufs.tid[:n], bufs.ru[:n], bufs.cu[:n], bufs.f[:, :n]
+    _gather_into(rows.astype(np.int64, copy=False), cols.astype(np.int64, copy=False), ga.grid.width, ga.lon_c,
+                 ga.lat_c, ga.area, ga.lat_min, ga.lat_max, ga.lon_min, ga.lon_max, tid, ru, cu, f)
+    a_iso = _dict_const(iso, n)
+    a_tid = pa.array(tid, pa.uint64())
+    lon_c, lat_c = pa.array(f[0]), pa.array(f[1])
+    index = pa.table([a_iso, a_tid, pa.array(ru), pa.array(cu), lon_c, lat_c, pa.array(f[2]), _dict_const(rule, n)],
+                     schema=_INDEX_WRITE)
+    bounds = pa.table([a_iso, a_tid, pa.array(f[3]), pa.array(f[4]), pa.array(f[5]), pa.array(f[6]), lat_c, lon_c],
+                      schema=_BOUNDS_WRITE)
+    return index, bounds
 
 
 # Parquet encodings (pinned: the bytes depend on them; measured on Russia at 30 arc-seconds).
@@ -460,6 +516,18 @@ class _Sink:
             self.writer.close()
 
 
+_BUFS: dict = {}
+
+
+def _buffers(cells: int) -> StripBuffers:
+    """One set of strip buffers per process, reused across countries."""
+    b = _BUFS.get(cells)
+    if b is None:
+        _BUFS.clear()
+        b = _BUFS[cells] = StripBuffers(cells)
+    return b
+
+
 def tile_country(iso: str, shape: CountryShape, ga: GridArrays, index_dir: Path, bounds_dir: Path,
                  strip_cells: int = STRIP_CELLS) -> dict:
     """Tile one country and write ``part-<ISO>.parquet`` into both partition dirs; returns its report row."""
@@ -470,9 +538,12 @@ def tile_country(iso: str, shape: CountryShape, ga: GridArrays, index_dir: Path,
     tmin = tmax = None
     rule = RULE_CENTER
     r0, r1, c0, c1 = country_window(ga, shape.bounds) if shape.parts else (0, 0, 0, 0)
-    for rows, cols in country_strips(shape, ga, strip_cells):
-        si.add(tile_index_table(iso, rows, cols, ga, RULE_CENTER))
-        sb.add(tile_bounds_table(iso, rows, cols, ga))
+    bufs = _buffers(strip_cells)
+    for rows, cols in country_strips(shape, ga, strip_cells, bufs):
+        ti, tb = strip_tables(iso, rows, cols, ga, RULE_CENTER, bufs)
+        si.add(ti)
+        sb.add(tb)
+        del ti, tb
         if tmin is None:
             tmin = int(rows[0]) * ga.grid.width + int(cols[0])
         tmax = int(rows[-1]) * ga.grid.width + int(cols[-1])
@@ -483,8 +554,9 @@ def tile_country(iso: str, shape: CountryShape, ga: GridArrays, index_dir: Path,
             rows = np.array([cell[0]], np.int64)
             cols = np.array([cell[1]], np.int64)
             rule = RULE_FALLBACK
-            si.add(tile_index_table(iso, rows, cols, ga, RULE_FALLBACK))
-            sb.add(tile_bounds_table(iso, rows, cols, ga))
+            ti, tb = strip_tables(iso, rows, cols, ga, RULE_FALLBACK)
+            si.add(ti)
+            sb.add(tb)
             tmin = tmax = int(rows[0]) * ga.grid.width + int(cols[0])
             n = 1
     si.close()
