@@ -617,9 +617,9 @@ class Auditor:
                 probs.append(f"{src} missing or unreadable")
                 continue
             probs += [f"{src} {k}={doc.get(k)!r} != {want[k]!r}" for k in keys if str(doc.get(k)) != str(want[k])]
-        if isinstance(man, dict) and man.get("upstream_1A") not in (None, {k: want_up[k] for k in want_up}):
-            if {k: str(v) for k, v in (man.get("upstream_1A") or {}).items()} != {k: str(v) for k, v in want_up.items()}:
-                probs.append(f"bundle MANIFEST.json upstream_1A {man.get('upstream_1A')} != {want_up}")
+        if isinstance(man, dict) and man.get("upstream_1A") is not None and \
+                {k: str(v) for k, v in man["upstream_1A"].items()} != {k: str(v) for k, v in want_up.items()}:
+            probs.append(f"bundle MANIFEST.json upstream_1A {man.get('upstream_1A')} != {want_up}")
         if isinstance(fres, dict):
             for k in ("grid_hash", "weights_hash"):
                 if fres.get(k) != rec.get(k):

@@ -476,3 +476,21 @@ def test_inclusion_rule_and_missing_tile_index(fixture_files, tmp_path):
     with pytest.raises(EngineError) as e:
         s2.run(ctx)
     assert e.value.code == "E101_TILE_INDEX_MISSING"
+
+
+def test_geoparquet_and_fiona_polygon_files_load_alike(fixture_files, tmp_path):
+    import json
+
+    import shapely
+
+    wkb = [shapely.to_wkb(MultiPolygon([g]) if isinstance(g, Polygon) else g) for _, g in FEATS]
+    meta = {"version": "1.0.0", "primary_column": "geometry",
+            "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["MultiPolygon"]}}}
+    t = pa.table({"country_iso": [i for i, _ in FEATS], "geometry": pa.array(wkb, pa.binary())})
+    pq.write_table(t.replace_schema_metadata({"geo": json.dumps(meta)}), tmp_path / "countries.parquet")
+    a = spatial.load_world_countries(tmp_path / "countries.parquet")
+    b = spatial.load_world_countries(fixture_files / "countries.gpkg")
+    assert sorted(a) == sorted(b) == sorted(i for i, _ in FEATS)
+    for iso in a:
+        assert shapely.equals(shapely.MultiPolygon(a[iso].parts), shapely.MultiPolygon(b[iso].parts)), iso
+    assert spatial.polygon_isos(tmp_path / "countries.parquet") == sorted(a)

@@ -3,8 +3,9 @@
 One uninterrupted reference run (session fixture) and one data root that is killed three times:
 
 1. in 1B S1 (``s1b_s1_tile_index``) while it writes its staged ``_tmp.*`` partition;
-2. in 1A S2 (``s1a_s2_nb_outlets``, RNG events only) half-way through (1B S1 restarts beside it);
-3. in 1B S6 (``s1b_s6_jitter``) half-way through;
+2. in 1A S2 (``s1a_s2_nb_outlets``, RNG events only) a third into its reference duration (1B S1/S2
+   restart beside it and die with it);
+3. in 1B S6 (``s1b_s6_jitter``) a third into its reference duration;
 
 each time the whole process group of the ``snakemake`` run is killed with SIGKILL (the jobs of the
 local executor share it). A watcher thread scans ``data/`` all along: every partition a reader can
@@ -114,13 +115,11 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float, what: str, log: Path
     raise AssertionError(f"timed out ({timeout}s) waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
-def _bench_seconds(root: Path, pattern: str) -> float:
-    """Wall seconds of a state in the reference run (Snakemake benchmark file)."""
-    for p in sorted(root.glob(pattern)):
-        lines = p.read_text().splitlines()
-        if len(lines) >= 2:
-            return float(lines[1].split("\t")[0])
-    return 10.0
+def _state_seconds(root: Path, job_log: str, state: str) -> float:
+    """Seconds between a state's start and done lines in the reference run (its job log)."""
+    m = re.search(rf"\[{re.escape(state)}\] done in ([0-9.]+)s", _log_text(root, job_log))
+    assert m, f"no '[{state}] done in' line in the reference run's {job_log}"
+    return float(m.group(1))
 
 
 def _visible(rel_parts) -> bool:
@@ -307,7 +306,8 @@ def _kill_mid_state(root: Path, log: Path, watcher: Watcher, job_log: str, state
     finally:
         _kill_group(proc)
     assert not finished, f"{state} finished before the kill; the fault was not injected mid-state"
-    return {"state": state, "staged": str(tmp) if tmp else None}
+    return {"state": state, "after_start_s": round(delay, 2) if tmp is None else None,
+            "staged": tmp.name if tmp else None}
 
 
 # ---------------------------------------------------------------------------------------- fixtures
@@ -363,15 +363,16 @@ def test_sigkill_mid_state_then_rerun_is_byte_identical(reference, tmp_path):
         assert refused.returncode != 0 and LOCK_MESSAGE in refused.stdout + refused.stderr
         subprocess.run(_cmd(root, ["--unlock"]), env=_env(), capture_output=True, text=True, timeout=300, check=True)
 
-        # 2. 1A S2 (RNG events only) half-way through its reference duration
-        d2 = _bench_seconds(reference, "logs/benchmarks/1A/s2/*/*.tsv")
-        kills.append(_kill_mid_state(root, log, watcher, "logs/jobs/1A/s2/*/*.log", "1A.S2", 0.5 * d2,
+        # 2. 1A S2 (RNG events only) while it computes
+        # (a third of the reference duration: well inside the state whatever the machine's load)
+        d2 = _state_seconds(reference, "logs/jobs/1A/s2/*/*.log", "1A.S2")
+        kills.append(_kill_mid_state(root, log, watcher, "logs/jobs/1A/s2/*/*.log", "1A.S2", d2 / 3,
                                      extra=["--rerun-incomplete"]))
         subprocess.run(_cmd(root, ["--unlock"]), env=_env(), capture_output=True, text=True, timeout=300, check=True)
 
-        # 3. 1B S6 half-way through
-        d6 = _bench_seconds(reference, "logs/benchmarks/1B/s6/*/*.tsv")
-        kills.append(_kill_mid_state(root, log, watcher, "logs/jobs/1B/s6/*/*.log", "1B.S6", 0.5 * d6,
+        # 3. 1B S6 while it computes
+        d6 = _state_seconds(reference, "logs/jobs/1B/s6/*/*.log", "1B.S6")
+        kills.append(_kill_mid_state(root, log, watcher, "logs/jobs/1B/s6/*/*.log", "1B.S6", d6 / 3,
                                      extra=["--rerun-incomplete"]))
         subprocess.run(_cmd(root, ["--unlock"]), env=_env(), capture_output=True, text=True, timeout=300, check=True)
 

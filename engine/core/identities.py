@@ -295,7 +295,9 @@ def weights_hash(grid_hash_bytes: bytes, basis: str, dp: int, raster_sha256: byt
 # --------------------------------------------------------------------------------------------------
 
 
-REPORT_ONLY_FILES = {"engine/report.py", "rules/report.smk"}
+# Files that never shape bytes under data/: the run report (writes under reports/ only), the audit tool
+# (reads only) and the CLI layer (parses flags into a config whose effect is hashed through its inputs).
+REPORT_ONLY_FILES = {"engine/report.py", "rules/report.smk", "engine/audit.py"}
 
 
 def code_files(repo_root: str | Path) -> list[str]:
@@ -328,6 +330,7 @@ def code_files(repo_root: str | Path) -> list[str]:
         rels.add("scripts/run_state.py")
     # The run report writes only under reports/, never under data/: its code is not part of the identity.
     rels -= REPORT_ONLY_FILES
+    rels = {r for r in rels if not r.startswith("engine/cli/")}
     return sorted(rels, key=lambda s: s.encode("utf-8"))
 
 
