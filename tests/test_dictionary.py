@@ -28,11 +28,11 @@ IDS_1A = ["sealed_inputs_1A", "s0_gate_receipt_1A", "hurdle_design_matrix", "hur
           "crossborder_eligibility_flags", "crossborder_features", "merchant_abort_log", "s3_candidate_set",
           "s3_base_weight_priors", "s3_integerised_counts", "s3_site_sequence", "ccy_country_weights_cache",
           "merchant_currency", "sparse_flag", "s6_membership", "s6_receipt", "s7_integer_allocation",
-          "outlet_catalogue", "validation_bundle_1A", "validation_failures_1A", "s4_metrics_log", "rng_event",
+          "outlet_catalogue", "validation_bundle_1A", "validation_failures_1A", "run_config_1A", "s4_metrics_log", "rng_event",
           "rng_trace_log", "rng_audit_log"]
 IDS_1B = ["s0_gate_receipt_1B", "sealed_inputs_1B", "tile_index", "tile_bounds", "tile_weights", "s3_requirements",
           "s4_alloc_plan", "s5_site_tile_assignment", "s6_site_jitter", "s7_site_synthesis", "site_locations",
-          "validation_bundle_1B", "s9_stage_log", "rng_event", "rng_trace_log", "rng_audit_log"]
+          "validation_bundle_1B", "s9_stage_log", "run_record_1B", "rng_event", "rng_trace_log", "rng_audit_log"]
 
 S_ = "seed=9248923"
 P_ = f"parameter_hash={PH}"

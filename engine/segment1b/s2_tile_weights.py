@@ -86,6 +86,35 @@ def _nb_exp_sums(bits, lo, hi):
             hi[eb] += np.uint64(1)
 
 
+@numba.njit(cache=True)
+def _nb_hist(r, hist):
+    """Histogram of residues r in [0, 1) over len(hist) equal bins (scaling by a power of two is exact)."""
+    nb = hist.shape[0]
+    for i in range(r.shape[0]):
+        b = np.int64(r[i] * nb)
+        if b >= nb:
+            b = nb - 1
+        hist[b] += 1
+
+
+@numba.njit(cache=True)
+def _nb_select(v, r, lo, hi, closed_hi):
+    """``v[i]`` for the i with ``lo <= r[i] < hi`` (``<= hi`` when ``closed_hi``)."""
+    n = 0
+    for i in range(r.shape[0]):
+        x = r[i]
+        if x >= lo and (x < hi or (closed_hi and x == hi)):
+            n += 1
+    out = np.empty(n, np.float64)
+    k = 0
+    for i in range(r.shape[0]):
+        x = r[i]
+        if x >= lo and (x < hi or (closed_hi and x == hi)):
+            out[k] = v[i]
+            k += 1
+    return out
+
+
 class _ExactSum:
     """Exact sum of finite non-negative binary64 values, accumulated chunk by chunk (numba kernel)."""
 
@@ -209,13 +238,22 @@ class Quantiser:
         # residues used for ordering: within delta of the exact value (exact mode: correctly rounded)
         self.sel_delta = 2.0 ** -50 if self.exact_all else self.delta
         self._memo = None
+        self._buf = None
         self._select()
 
     # -- per chunk: exact z (int64) and residue fraction r (float64, within delta of the exact value)
-    def _zr(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _zr(self, m: np.ndarray, reuse: bool = False) -> tuple[np.ndarray, np.ndarray]:
         n = m.shape[0]
-        z = np.zeros(n, np.int64)
-        r = np.zeros(n, np.float64)
+        if reuse:  # chunk passes reuse two buffers (fresh arrays would page-fault on every chunk)
+            if self._buf is None or self._buf[0].shape[0] < n:
+                self._buf = (np.empty(n, np.int64), np.empty(n, np.float64))
+            z, r = self._buf[0][:n], self._buf[1][:n]
+            if self.exact_all:
+                z[:] = 0
+                r[:] = 0.0
+        else:
+            z = np.zeros(n, np.int64)
+            r = np.zeros(n, np.float64)
         if self.exact_all:
             unc = np.flatnonzero(m > 0)
         else:
@@ -241,7 +279,7 @@ class Quantiser:
             return
         for a, b in self.spans:
             m = self.mass[a:b]
-            z, r = self._zr(m)
+            z, r = self._zr(m, reuse=True)  # views valid until the next chunk
             yield a, m, z, r
 
     def _select(self) -> None:
@@ -250,7 +288,7 @@ class Quantiser:
         hist = np.zeros(HIST_BINS, np.int64)
         for _, _, z, r in self._iter():
             zsum += int(z.sum())
-            hist += np.bincount(np.minimum((r * HIST_BINS).astype(np.int64), HIST_BINS - 1), minlength=HIST_BINS)
+            _nb_hist(r, hist)
         S = self.K - zsum
         if not 0 <= S < self.n:
             raise ModelError("E105_NORMALIZATION", "largest-remainder shortfall out of range",
@@ -322,9 +360,10 @@ class Quantiser:
 
     def _distinct_r_in_bins(self, lo_b: int, hi_b: int):
         vals, cnts = [], []
+        lo, hi = lo_b / HIST_BINS, (hi_b + 1) / HIST_BINS  # exact: HIST_BINS is a power of two
+        top = hi_b == HIST_BINS - 1  # the last bin also holds r == 1.0 (an exact residue rounded up)
         for _, _, _, r in self._iter():
-            b = np.minimum((r * HIST_BINS).astype(np.int64), HIST_BINS - 1)
-            sel = r[(b >= lo_b) & (b <= hi_b)]
+            sel = _nb_select(r, r, lo, hi, top)
             if sel.size:
                 u, c = np.unique(sel, return_counts=True)
                 vals.append(u)
@@ -337,7 +376,7 @@ class Quantiser:
     def _distinct_mass_in_r(self, lo: float, hi: float):
         vals, cnts = [], []
         for _, m, _, r in self._iter():
-            sel = m[(r >= lo) & (r <= hi)].astype(np.float64)
+            sel = _nb_select(m.astype(np.float64, copy=False), r, lo, hi, True)
             if sel.size:
                 u, c = np.unique(sel, return_counts=True)
                 vals.append(u)
