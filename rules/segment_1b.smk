@@ -55,12 +55,13 @@ rule s1b_s1_tile_index:
         f"logs/jobs/1B/s1/grid={R1B.grid_hash}.log",
     benchmark:
         f"logs/benchmarks/1B/s1/grid={R1B.grid_hash}.tsv"
+    threads: 2
     resources:
         mem_mb=4000,
     params:
         ctx=CTX_1B,
     shell:
-        "{RUN_STATE} 1B.S1 {params.ctx:q} 2> {log:q}"
+        "ENGINE_WORKERS={threads} {RUN_STATE} 1B.S1 {params.ctx:q} 2> {log:q}"
 
 
 rule s1b_s2_tile_weights:
@@ -74,10 +75,11 @@ rule s1b_s2_tile_weights:
         f"logs/jobs/1B/s2/grid={R1B.grid_hash}/weights={R1B.weights_hash}.log",
     benchmark:
         f"logs/benchmarks/1B/s2/grid={R1B.grid_hash}/weights={R1B.weights_hash}.tsv"
+    threads: 2
     params:
         ctx=CTX_1B,
     shell:
-        "{RUN_STATE} 1B.S2 {params.ctx:q} 2> {log:q}"
+        "ENGINE_WORKERS={threads} {RUN_STATE} 1B.S2 {params.ctx:q} 2> {log:q}"
 
 
 rule s1b_s3_requirements:

@@ -40,8 +40,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -200,7 +198,6 @@ def _parts(g):
 def build_countries(feats, gn_countries: dict):
     """ISO -> {"name", "parts", "pop"} plus a decision log (see module docstring)."""
     import shapely
-    from shapely.geometry import Point
 
     log = {"dropped": [], "remapped": [], "merged": [], "carved": [], "repaired": []}
     by_iso: dict[str, dict] = {}

@@ -223,7 +223,7 @@ def test_s6_known_answer_stream():
 
 def test_s6_policy_default_and_validation(tmp_path):
     pol = s6.load_policy(Path(__file__).resolve().parents[1] / "config/policy/1b/policy.s6.jitter.yaml")
-    assert pol.mode == "uniform_v1" and pol.max_attempts == 64
+    assert pol.mode == "uniform_v1" and pol.max_attempts == 256
     assert [c[0] for c in pol.components] == ["core_cluster", "secondary_cluster", "sparse_tail"]
     for bad in ({"mode": "uniform_v1", "max_attempts": 0}, {"mode": "uniform_v1", "max_attempts": 300},
                 {"mode": "gaussian", "max_attempts": 64}, {"mode": "uniform_v1", "max_attempts": 64, "x": 1},
@@ -444,5 +444,5 @@ def test_s6_sliver_reaches_cap_with_named_error(tmp_path):
     assert e.rows == [f"merchant_id=9 legal_country_iso=SL site_order=1 tile_id={TILES['SL'][0]}"]
     assert not Path(ctx.path("s6_site_jitter")).exists()
     ev = rnglog.read_events(ctx.data_root, ctx.ids, "in_cell_jitter").to_pandas()
-    assert int((ev.merchant_id == 9).sum()) == 64  # every attempt is logged as evidence
+    assert int((ev.merchant_id == 9).sum()) == 256  # every attempt (policy max_attempts) is logged as evidence
     assert int((ev.merchant_id == 1).sum()) == 2

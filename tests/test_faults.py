@@ -277,7 +277,7 @@ class Watcher(threading.Thread):
                     self.problems.append(msg)
 
 
-def _kill_mid_state(root: Path, log: Path, watcher: Watcher, job_log: str, state: str, delay: float,
+def _kill_mid_state(root: Path, log: Path, job_log: str, state: str, delay: float,
                     staged_parent: str | None = None, extra=()) -> dict:
     """Run until `state` has started (its job log shows the start line) and not finished; wait `delay`
     seconds (or, with staged_parent, until a `_tmp.*` staging dir with files appears there); SIGKILL the
@@ -355,7 +355,7 @@ def test_sigkill_mid_state_then_rerun_is_byte_identical(reference, tmp_path):
     kills = []
     try:
         # 1. 1B S1 while its staged partition is being written
-        kills.append(_kill_mid_state(root, log, watcher, "logs/jobs/1B/s1/*.log", "1B.S1", 0,
+        kills.append(_kill_mid_state(root, log, "logs/jobs/1B/s1/*.log", "1B.S1", 0,
                                      staged_parent="data/layer1/1B/tile_index"))
         # a stale lock stays after SIGKILL: the next run is refused until --unlock (runbook)
         refused = subprocess.run(_cmd(root, ["--rerun-incomplete"]), env=_env(), capture_output=True, text=True,
@@ -366,13 +366,13 @@ def test_sigkill_mid_state_then_rerun_is_byte_identical(reference, tmp_path):
         # 2. 1A S2 (RNG events only) while it computes
         # (a third of the reference duration: well inside the state whatever the machine's load)
         d2 = _state_seconds(reference, "logs/jobs/1A/s2/*/*.log", "1A.S2")
-        kills.append(_kill_mid_state(root, log, watcher, "logs/jobs/1A/s2/*/*.log", "1A.S2", d2 / 3,
+        kills.append(_kill_mid_state(root, log, "logs/jobs/1A/s2/*/*.log", "1A.S2", d2 / 3,
                                      extra=["--rerun-incomplete"]))
         subprocess.run(_cmd(root, ["--unlock"]), env=_env(), capture_output=True, text=True, timeout=300, check=True)
 
         # 3. 1B S6 while it computes
         d6 = _state_seconds(reference, "logs/jobs/1B/s6/*/*.log", "1B.S6")
-        kills.append(_kill_mid_state(root, log, watcher, "logs/jobs/1B/s6/*/*.log", "1B.S6", d6 / 3,
+        kills.append(_kill_mid_state(root, log, "logs/jobs/1B/s6/*/*.log", "1B.S6", d6 / 3,
                                      extra=["--rerun-incomplete"]))
         subprocess.run(_cmd(root, ["--unlock"]), env=_env(), capture_output=True, text=True, timeout=300, check=True)
 

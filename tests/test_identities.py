@@ -533,10 +533,10 @@ def test_resolve_1b_structure(tmp_path):
     cfg = _cfg_1b(tmp_path)
     r = I.resolve_1b(cfg, REPO, _ids_1a())
     assert r.seed == 9248923 and r.ids_1a == _ids_1a()
-    assert r.grid["width"] == 4 and r.grid["height"] == 3 and r.grid["inclusion_rule"] == "centre"
+    assert r.grid["width"] == 4 and r.grid["height"] == 3 and r.grid["inclusion_rule"] == I.INCLUSION_RULE
     assert r.grid["transform"] == [5.0, 0.0, -10.0, 0.0, -5.0, 10.0] and "WGS" in r.grid["crs_wkt"]
     poly_sha = hashlib.sha256(Path(cfg["segment1b"]["inputs"]["world_countries"]).read_bytes()).digest()
-    g_hex, g_b = I.grid_hash(4, 3, r.grid["transform"], r.grid["crs_wkt"], poly_sha, "centre")
+    g_hex, g_b = I.grid_hash(4, 3, r.grid["transform"], r.grid["crs_wkt"], poly_sha, I.INCLUSION_RULE)
     assert r.grid_hash == g_hex
     ras_sha = hashlib.sha256(Path(cfg["segment1b"]["inputs"]["population_raster"]).read_bytes()).digest()
     assert r.weights_hash == I.weights_hash(g_b, "population", 6, ras_sha)[0]

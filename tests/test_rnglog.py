@@ -583,3 +583,17 @@ def test_drop_trace_keys_matches_the_line_rule():
     assert kept == b"\n".join([lines[1], lines[2], lines[3], lines[4]]) + b"\n"
     assert R._drop_trace_keys(data + b'{"module":"B"', {("Z", "z")}) == data  # torn tail dropped
     assert R._drop_trace_keys(b"", {("A", "x")}) == b""
+
+
+def test_verified_digest_cache_never_hides_an_edit(tmp_path, monkeypatch):
+    """A part settled for > 2 s is hashed once per process; a later same-size edit (new ctime) is still seen."""
+    p = _write_gumbel(tmp_path)
+    time.sleep(2.1)
+    hashed = []
+    real = R._buffer_sha256
+    monkeypatch.setattr(R, "_buffer_sha256", lambda b: hashed.append(len(b)) or real(b))
+    for _ in range(2):
+        assert R.read_events(tmp_path, IDS, "gumbel_key")["draws"].to_pylist()[1] == "1"
+    assert hashed == [p.stat().st_size]  # second read: cached digest
+    _edit_line(p, 1, '"draws":"1"', '"draws":"3"')
+    assert R.read_events(tmp_path, IDS, "gumbel_key")["draws"].to_pylist()[1] == "3"

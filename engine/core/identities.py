@@ -91,7 +91,7 @@ __all__ = [
 OPTIONS_1A_NAME = "options.1A.json"
 OPTIONS_1B_NAME = "options.1B.json"
 FINGERPRINT_1A_ENTRY = "1A.manifest_fingerprint"
-INCLUSION_RULE = "centre"  # 1B S1 tile inclusion rule (decision 24); part of grid_hash
+INCLUSION_RULE = "centre+largest_overlap"  # centre rule, plus the one-cell fallback for micro-states; 1B S1 tile inclusion rule (decision 24); part of grid_hash
 SEGMENTS = ("1A", "1B")
 BASES_1B = ("population", "area_m2", "uniform")
 

@@ -56,6 +56,7 @@ import itertools
 import json
 import mmap
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -680,11 +681,47 @@ def _buffer_sha256(buf: Any) -> str:
     return hashlib.sha256(buf).hexdigest()
 
 
-def _file_sha256(path: Path, size: int) -> str:
-    if size == 0:
+# sha256 of file byte ranges already computed by this process (a validator reads a family twice: its checks,
+# then reconcile). Keyed by the file's identity and stat; only for files whose ctime was >= 2 s in the past
+# when hashed: any later change sets a newer ctime (user space cannot set ctime), so a stale entry can never
+# be hit, even on file systems with coarse timestamps where two writes in one tick leave mtime unchanged.
+_VERIFIED: dict[tuple, str] = {}
+_SETTLED_NS = 2_000_000_000
+
+
+def _stat_key(path: Path, st: os.stat_result, start: int, end: int) -> tuple:
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, start, end)
+
+
+def _range_sha256(path: Path, st: os.stat_result | None, buf: Any, start: int, end: int) -> str:
+    """sha256 of ``buf[start:end]`` (bytes of ``path`` as stat-ed in ``st`` before ``buf`` was mapped;
+    ``st=None``: no cache)."""
+    if st is None:
+        return _buffer_sha256(buf.slice(start, end - start))
+    key = _stat_key(path, st, start, end)
+    got = _VERIFIED.get(key)
+    if got is not None:
+        return got
+    settled = time.time_ns() - st.st_ctime_ns > _SETTLED_NS
+    digest = _buffer_sha256(buf.slice(start, end - start))
+    if settled:
+        with contextlib.suppress(OSError):
+            if _stat_key(path, os.stat(path), start, end) == key:
+                _VERIFIED[key] = digest
+    return digest
+
+
+def _file_sha256(path: Path, st: os.stat_result) -> str:
+    if st.st_size == 0:
         return hashlib.sha256(b"").hexdigest()
+    key = _stat_key(path, st, 0, st.st_size)
+    if key in _VERIFIED:
+        return _VERIFIED[key]
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        return _buffer_sha256(mm)
+        if mm.size() != st.st_size:
+            return ""
+        with memoryview(mm) as view:
+            return _range_sha256(path, st, pa.py_buffer(view), 0, st.st_size)
 
 
 def _read_event_mirror(jsonl: Path, read_schema: pa.Schema, columns: Sequence[str] | None) -> pa.Table | None:
@@ -694,10 +731,10 @@ def _read_event_mirror(jsonl: Path, read_schema: pa.Schema, columns: Sequence[st
         return None
     pf, meta = got
     try:
-        size = jsonl.stat().st_size
+        st = jsonl.stat()
     except OSError:
         return None
-    if meta.get("size") != size or meta.get("sha256") != _file_sha256(jsonl, size):
+    if meta.get("size") != st.st_size or meta.get("sha256") != _file_sha256(jsonl, st):
         return None
     return _mirror_table(pf, meta, read_schema, columns)
 
@@ -1308,15 +1345,18 @@ def _read_trace_file(path: Path, source: str = "auto") -> pa.Table:
     segs = _trace_segments(path) if source == "auto" else []
     if not segs:
         return _read_jsonl(path, schema).select(schema.names)
+    st = path.stat()
     with pa.memory_map(str(path)) as mm:
         buf = mm.read_buffer()
         size = buf.size
+        if size != st.st_size:
+            st = None  # changed in between: hash without the cache
         pieces: list[pa.Table] = []
         pos = 0
         for start, end, sha, pf, meta in segs:
             if start < pos or end > size or end <= start or (start > 0 and buf[start - 1] != 0x0A):
                 continue
-            if _buffer_sha256(buf.slice(start, end - start)) != sha:
+            if _range_sha256(path, st, buf, start, end) != sha:
                 continue
             t = _mirror_table(pf, meta, read_schema, None)
             if t is None:

@@ -29,7 +29,6 @@ worker count.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
-from shapely.geometry import box
 
-from engine.core.errors import InputError, ModelError
+from engine.core.errors import InputError
 from engine.core.schema import arrow_schema
 from engine.segment1b import spatial
 from engine.segment1b.spatial import CountryShape, Grid
@@ -671,4 +669,11 @@ def run_with_report(ctx) -> dict:
 
 
 def run(ctx) -> None:
-    run_with_report(ctx)
+    import sys
+
+    r = run_with_report(ctx)
+    # the job log is where a user looks: say which countries were special-cased or left out
+    print(f"[1B.S1] {r['rows_emitted']} tiles for {r['countries_total']} countries on a "
+          f"{r['grid_dims']['ncols']} x {r['grid_dims']['nrows']} grid; one-cell fallback (no centre inside): "
+          f"{r['countries_fallback'] or 'none'}; ISO codes without a polygon (no tiles): "
+          f"{r['iso_without_polygon'] or 'none'}", file=sys.stderr)

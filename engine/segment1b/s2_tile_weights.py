@@ -682,4 +682,8 @@ def run_with_report(ctx) -> dict:
 
 
 def run(ctx) -> None:
-    run_with_report(ctx)
+    import sys
+
+    r = run_with_report(ctx)
+    print(f"[1B.S2] {r['rows_emitted']} tile weights for {r['countries_total']} countries, basis {r['basis']}, "
+          f"dp {r['dp']}; all-zero mass, weighted uniformly: {r['zero_mass_fallback'] or 'none'}", file=sys.stderr)
