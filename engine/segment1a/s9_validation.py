@@ -406,15 +406,21 @@ def check_rng_envelopes(events: dict[str, pd.DataFrame], ids, fails: Failures, f
                 fails.add("E_SCHEMA_INVALID", f"rng_event {fam}: envelope field {name} missing", [fam])
                 continue
             vals = df[name].to_numpy()
-            badm = (vals.astype(np.uint64).astype(str) if vals.dtype.kind in "ui" else vals.astype(str)) != want
+            if isinstance(df[name].dtype, pd.StringDtype) and want != "nan":  # vectorised: missing != want
+                badm = (df[name] != want).to_numpy(dtype=bool)
+            else:
+                badm = (vals.astype(np.uint64).astype(str) if vals.dtype.kind in "ui" else vals.astype(str)) != want
             if badm.any():
                 fails.frame("E_PATH_EMBED_MISMATCH", f"rng_event {fam}: embedded {name} != {want}",
                             _envelope_rows(df[badm], extra=[name]), dataset_id=f"rng_event_{fam}")
         # --- registered module / label pairs
         pairs = registered.get(fam, set())
-        combo = df["module"].to_numpy().astype(str).astype(object) + "|" + \
-            df["substream_label"].to_numpy().astype(str).astype(object)
-        badmask = ~pd.Series(combo).isin([f"{m}|{lab}" for m, lab in sorted(pairs)]).to_numpy()
+        if all(isinstance(df[c].dtype, pd.StringDtype) for c in ("module", "substream_label")):
+            combo = (df["module"] + "|" + df["substream_label"]).reset_index(drop=True)  # missing stays missing
+        else:
+            combo = pd.Series(df["module"].to_numpy().astype(str).astype(object) + "|" +
+                              df["substream_label"].to_numpy().astype(str).astype(object))
+        badmask = ~combo.isin([f"{m}|{lab}" for m, lab in sorted(pairs)]).to_numpy(dtype=bool)
         fails.frame("E_SCHEMA_INVALID", f"rng_event {fam}: unregistered (module, substream_label); "
                     f"registered: {sorted(pairs)}", _envelope_rows(df[badmask]), dataset_id=f"rng_event_{fam}")
         # --- counters: blocks == u128(after) - u128(before)
@@ -428,7 +434,10 @@ def check_rng_envelopes(events: dict[str, pd.DataFrame], ids, fails: Failures, f
         if fam in nonconsuming:
             same = (df["rng_counter_after_hi"].to_numpy() == df["rng_counter_before_hi"].to_numpy()) & (
                 df["rng_counter_after_lo"].to_numpy() == df["rng_counter_before_lo"].to_numpy())
-            strd = np.asarray([str(v) == "0" for v in df["draws"].to_numpy()], dtype=bool)
+            if isinstance(df["draws"].dtype, pd.StringDtype):
+                strd = (df["draws"] == "0").to_numpy(dtype=bool)  # missing -> False, as str(nan) == "0" is
+            else:
+                strd = np.asarray([str(v) == "0" for v in df["draws"].to_numpy()], dtype=bool)
             bad = ~(same & (blocks == 0) & strd)
             fails.frame("E_NONCONSUMING_CHANGED_COUNTERS",
                         f"rng_event {fam}: non-consuming event must have before == after, blocks 0, draws \"0\"",
