@@ -32,8 +32,7 @@ def make_table(rows: int, out: Path) -> Path:
     rng = np.random.default_rng(20251009)
     idx = rng.integers(0, src.num_rows, size=rows)
     t = src.take(pa.array(idx))
-    ids = rng.choice(np.iinfo(np.uint64).max, size=rows * 2, replace=False)  # unique candidates
-    ids = np.unique(ids.astype(np.uint64))[:rows]
+    ids = np.unique(rng.integers(1, np.iinfo(np.uint64).max, size=rows * 2, dtype=np.uint64, endpoint=False))[:rows]
     rng.shuffle(ids)
     t = t.set_column(t.schema.get_field_index("merchant_id"), "merchant_id", pa.array(ids, pa.uint64()))
     out.parent.mkdir(parents=True, exist_ok=True)

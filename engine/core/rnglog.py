@@ -19,24 +19,41 @@ Writing -- :class:`RngLogs` ``(data_root, segment, ids, config=None)``:
   (``E_RNG_ENVELOPE``); counters, budgets and payload are checked before anything is written
   (``E_RNG_COUNTER_MISMATCH``, ``E_RNG_BUDGET_VIOLATION``, ``E_NONCONSUMING_CHANGED_COUNTERS``, ``E_RNG_ENVELOPE``).
 * :meth:`RngLogs.close` -- writes each ``(family, part)`` as ``part-NNNNN.jsonl`` (temp + rename; a re-run
-  replaces its own part), then rewrites the trace atomically (under a lock): rows of the
-  ``(module, substream_label)`` keys this writer touched are dropped, then one cumulative row per event is
-  appended in event order -- a re-run of a state never double counts. One ``ts_utc`` per close.
-  Use one writer per state execution for all events of a key. ``with RngLogs(...) as logs:`` closes on
-  success and discards on an exception.
+  replaces its own part) and its columnar mirror, then adds one cumulative trace row per event, in event
+  order, under a lock. When none of the writer's ``(module, substream_label)`` keys is in the trace yet (a
+  byte search for its labels: the normal first run of a state) the rows are appended -- O(new rows), not
+  O(trace); otherwise (a re-run, or a torn tail left by a crash) the trace is rewritten atomically without
+  those keys' rows (and without a torn last line) before the new ones: a re-run never double counts. One
+  ``ts_utc`` per close. Use one writer per state execution for all events of a key.
+  ``with RngLogs(...) as logs:`` closes on success and discards on an exception.
 
 Lines are canonical JSON (sorted keys, compact, ASCII): envelope (00-core 3.6) + payload at top level;
 u64 exact, ``draws`` a decimal string, floats via ``repr`` (shortest round trip), booleans/nulls as JSON;
 an optional field that is null is omitted (e.g. ``selection_order`` present iff selected).
-Rendering: one numba kernel per chunk formats u64/i64/bools and copies keys, constants and pre-rendered
-float/string text (Arrow float->string, fixed up to ``repr`` layout). Measured (2-core shared box, CPU time):
-~250k-390k events/s including the trace row of each event and the file writes; see ``test_writer_throughput``.
+Rendering: one numba kernel per chunk (GIL released) formats u64/i64/bools and copies keys, constants and
+pre-rendered float/string text (Arrow float->string, fixed up to ``repr`` layout); a helper thread writes and
+hashes chunk k while chunk k+1 renders.
 
-Reading -- :func:`read_events` ``(data_root, ids, family, columns=None)`` (explicit Arrow schema from the
-family schema, u64 exact, parts concatenated in part order), :func:`read_trace`, :func:`read_audit`,
-:func:`accounting` (per-family / per-stream totals and final trace rows for ``rng_accounting.json``).
+Columnar mirrors (a cache, never the authority): beside each part, ``_mirror.part-NNNNN.parquet`` holds the
+same rows typed by the family schema plus the size and sha256 of the exact JSONL bytes; beside the trace,
+``_mirror.rng_trace_log.<start>.parquet`` segments each cover one appended byte range with its sha256.
+Names start with ``_`` so readers of the log directories ignore them (00-core 2.2). A reader uses a mirror
+only when the bytes still hash to the recorded digest (a changed, truncated or replaced JSONL is parsed);
+per process, the digest of a file unchanged for > 2 s is remembered (keyed by its stat, ctime included).
+The writer produces mirror and JSONL from the same typed columns; tests hold ``source="auto"`` equal to
+``source="jsonl"`` for every family.
 
-Checking -- :func:`reconcile` ``(data_root, ids, families=None, chain=False)`` returns failure dicts
+Measured at 10^6 events (``benchmarks/bench_rnglog.py``, 2-core shared box): writing ~250k-400k events/s
+wall including the trace rows and mirrors (first run of a key); ``read_events`` ~1.5-2.5M events/s (mirror,
+dominated by the sha256 of the JSONL) vs ~300k/s parsing the JSONL; ``read_trace`` ~3M rows/s.
+
+Reading -- :func:`read_events` ``(data_root, ids, family, columns=None, config=None, with_source=False,
+source="auto")`` (explicit Arrow schema from the family schema, u64 exact, parts concatenated in part order),
+:func:`read_trace` ``(..., source="auto")``, :func:`read_audit`, :func:`accounting` (per-family / per-stream
+totals and final trace rows for ``rng_accounting.json``). ``source="jsonl"`` parses the JSONL files and
+ignores the mirrors (a full independent audit of the text, e.g. ``engine audit``).
+
+Checking -- :func:`reconcile` ``(data_root, ids, families=None, chain=False, source="auto")`` returns failure dicts
 ``{code, family, module, substream_label, detail, rows}``: per event ``blocks == u128(after) - u128(before)``
 (``E_RNG_COUNTER_MISMATCH``), fixed budgets (``E_RNG_BUDGET_VIOLATION``), non-consuming families keep their
 counters (``E_NONCONSUMING_CHANGED_COUNTERS``), registered module/label/context (``E_SCHEMA_INVALID``),

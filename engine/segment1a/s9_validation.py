@@ -502,7 +502,8 @@ def trace_frame_from_table(t: pa.Table) -> pd.DataFrame:
     for c in ("seed", "run_id", "module", "substream_label"):
         if c == "seed":
             v = df[c].to_numpy()  # str(v) per row; vectorised for plain integer arrays (same decimal text)
-            df[c] = v.astype(str).astype(object) if v.dtype.kind in "ui" else np.asarray([str(x) for x in v], dtype=object)
+            df[c] = (v.astype(str).astype(object) if v.dtype.kind in "ui"
+                     else np.asarray([str(x) for x in v], dtype=object))
     for c in ("events_total", "draws_total", "blocks_total", "rng_counter_after_hi", "rng_counter_after_lo"):
         v = df[c]
         df[c] = v.to_numpy().astype(np.uint64) if v.dtype.kind in "ui" else _parse_u64(
