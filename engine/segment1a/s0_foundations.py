@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.core.numeric import neumaier_sum
 from engine.core.errors import IdentityError, InputError, ModelError
 from engine.segment1a import inputs as inp
 from engine.segment1a.inputs import (
@@ -92,20 +93,8 @@ def neumaier_rows(terms: list[np.ndarray]) -> np.ndarray:
         return s + c
 
 
-def neumaier_scalar(xs) -> float:
-    """Scalar reference of :func:`neumaier_rows` (validators, tests)."""
-    s = 0.0
-    c = 0.0
-    for x in xs:
-        x = float(x)
-        t = s + x
-        if abs(s) >= abs(x):
-            c += (s - t) + x
-        else:
-            c += (x - t) + s
-        s = t
-    return s + c
-
+# Scalar reference of :func:`neumaier_rows` (validators, tests): the one shared implementation.
+neumaier_scalar = neumaier_sum
 
 def logistic(eta: float) -> float:
     """Two-branch logistic, no clamping (00-core 7.3, 1A-S1-S4 1.3)."""

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.core.numeric import neumaier_sum
 from engine.core.errors import InputError, ModelError
 
 MODULE = "1A.ztp_sampler"
@@ -84,19 +85,7 @@ def ztp_policy(z: dict, path=None) -> ZtpPolicy:
                      str(z.get("feature_id", "openness")), P)
 
 
-def _neumaier(xs) -> float:
-    """Serial Neumaier sum, fixed order (00-core §4)."""
-    s = 0.0
-    c = 0.0
-    for x in xs:
-        t = s + x
-        if abs(s) >= abs(x):
-            c += (s - t) + x
-        else:
-            c += (x - t) + s
-        s = t
-    return s + c
-
+_neumaier = neumaier_sum  # serial Neumaier sum, fixed order (00-core 4)
 
 def lambda_scalar(policy: ZtpPolicy, n: int, x: float) -> float:
     """λ for one (N, X): exact spec order with scalar binary64 ``math`` (numeric profile §0)."""

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
+from engine.core.numeric import neumaier_sum
 from engine.core.errors import GateError, InputError, ModelError
 from engine.core.hashing import file_sha256_hex
 
@@ -77,20 +78,7 @@ def load_strict_yaml(path: str | Path, code: str) -> Any:
         raise InputError(code, f"cannot parse policy file: {e}", path=path) from e
 
 
-def neumaier(values) -> float:
-    """Fixed-order Neumaier-compensated sum (numeric policy: fixed-order reductions)."""
-    s = 0.0
-    c = 0.0
-    for v in values:
-        v = float(v)
-        t = s + v
-        if abs(s) >= abs(v):
-            c += (s - t) + v
-        else:
-            c += (v - t) + s
-        s = t
-    return s + c
-
+neumaier = neumaier_sum  # fixed-order Neumaier sum (numeric policy)
 
 def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))

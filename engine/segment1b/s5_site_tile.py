@@ -48,8 +48,7 @@ def pair_streams(M: bytes, merchant_id: np.ndarray, iso: np.ndarray):
     """``(key, hi, lo)`` of the per-(merchant, ISO) ``site_tile_assign`` substreams (merchant_u64 hashed once
     per distinct merchant)."""
     mid = np.asarray(merchant_id, dtype=np.uint64)
-    um, inv = np.unique(mid, return_inverse=True)
-    mu = rng.merchant_u64_vec(um)[inv]
+    mu = rng.merchant_u64_vec(mid)  # hashes each distinct merchant once
     return rng.substreams_vec(M, SEGMENT, LABEL, mu, iso=np.asarray(iso))
 
 

@@ -203,8 +203,7 @@ def groups(codes: np.ndarray):
 def site_streams(M: bytes, merchant_id: np.ndarray, iso: np.ndarray, site_order: np.ndarray):
     """``(key, hi, lo)`` per site (merchant_u64 hashed once per distinct merchant)."""
     mid = np.asarray(merchant_id, dtype=np.uint64)
-    um, inv = np.unique(mid, return_inverse=True)
-    mu = rng.merchant_u64_vec(um)[inv]
+    mu = rng.merchant_u64_vec(mid)  # hashes each distinct merchant once
     return rng.substreams_vec(M, SEGMENT, LABEL, mu, iso=np.asarray(iso),
                               site_order=np.asarray(site_order, dtype=np.int64).astype(np.uint64))
 
