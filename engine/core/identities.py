@@ -853,7 +853,9 @@ def resolve_1b(
         + [dict(e) for e in param_entries]
     )
     artifact_entries.sort(key=lambda e: e["name"].encode("utf-8"))
-    code32 = code_digest(root)
+    # the same tree was just digested for 1A: reuse it rather than hashing every source file again
+    code32 = (bytes.fromhex(resolved_1a.code_digest_hex) if isinstance(resolved_1a, Resolved1A)
+              else code_digest(root))
     fp_hex, fp_bytes = manifest_fingerprint(
         [(e["name"], bytes.fromhex(e["sha256"])) for e in artifact_entries], code32, ph_bytes
     )
