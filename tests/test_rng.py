@@ -85,7 +85,7 @@ def test_spec_kat_literal():
         0x0A5E742C2997341C, 0xB0F883D38000DE5D)
 
 
-def test_philox_vec_matches_limbs_on_a_million_pairs_and_oracle_on_sample():
+def test_philox_vec_matches_limbs_and_scalar_oracle_on_a_million_pairs():
     gen = np.random.default_rng(20251127)
     n = 1_000_000
     key, hi, lo = _rand_u64(gen, n), _rand_u64(gen, n), _rand_u64(gen, n)
@@ -99,10 +99,10 @@ def test_philox_vec_matches_limbs_on_a_million_pairs_and_oracle_on_sample():
     assert np.array_equal(key, k0) and np.array_equal(hi, h0) and np.array_equal(lo, l0)  # inputs untouched
     r0, r1 = philox_limbs(key, hi, lo)
     assert np.array_equal(x0, r0) and np.array_equal(x1, r1)
-    idx = np.concatenate([np.arange(4), gen.choice(n, 25_000, replace=False)])
-    kl, hl_, ll, x0l, x1l = key.tolist(), hi.tolist(), lo.tolist(), x0.tolist(), x1.tolist()
-    for i in idx.tolist():
-        assert rng.philox2x64_10(kl[i], hl_[i], ll[i]) == (x0l[i], x1l[i])
+    # the scalar Python-int oracle on every one of the 10^6 pairs (issue acceptance; ~4 s)
+    f = rng.philox2x64_10
+    got = list(map(f, key.tolist(), hi.tolist(), lo.tolist()))
+    assert got == list(zip(x0.tolist(), x1.tolist()))
 
 
 def test_philox_vec_broadcast_and_empty():
