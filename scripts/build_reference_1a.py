@@ -1182,6 +1182,51 @@ def build_s6(up: Upstream, out: Out, target: str) -> None:
     )
 
 
+# CUSUM threshold of the embedded default (project decision, see the provenance record): the in-control
+# maximum of the one-sided CUSUM grows with the number of multi-site merchants M, so a fixed h has a
+# false-alarm rate that rises with the table size. Measured by simulating the model's own rejection
+# counts (r_m ~ Geometric(alpha_m), alphas of the 10^6-merchant benchmark table, 400 replicates):
+# h = 16 false-alarms on 12.5% of seeds at the default table's M ~ 3,900 and on 100% at M ~ 214,000;
+# h = 24 on 0.5% / 13%; h = 32 on 0% / 0.75%, while a drop of 0.1 in acceptance over the last 5,000
+# merchants still trips h = 32 in 100 of 100 replicates.
+S2_CUSUM_H = 32.0
+
+
+def build_s2_validation(up: Upstream, out: Out, target: str) -> None:
+    raw, _ = up.read("s2_validation")
+    s = yaml.safe_load(raw)
+    new = {k: v for k, v in s.items()}
+    new["cusum"] = dict(s["cusum"])
+    was_h = float(s["cusum"]["threshold_h"])
+    new["cusum"]["threshold_h"] = S2_CUSUM_H
+    converted_param(
+        up,
+        out,
+        "s2_validation",
+        "s2_validation_policy.yaml",
+        target,
+        new,
+        [
+            "Runbook-era S2 corridor policy (1A-S1-S4 §2.2, §6 C5): corridors rho_reject_max 0.20, p99_max 3;",
+            f"CUSUM k {s['cusum']['reference_k']}. threshold_h raised from {was_h} to {S2_CUSUM_H}: with h = 16 the",
+            "correctly specified model false-alarms on 12.5% of seeds at the default table and on every seed at",
+            "10^6 merchants (upstream itself raised h to 24.0, then to 90.0 with alpha_cap 0.999).",
+        ],
+        {
+            "summary": "Layout unchanged. cusum.threshold_h raised from the runbook-era 16.0 to "
+            f"{S2_CUSUM_H}; every other value unchanged.",
+            "semantic_change": "The in-control maximum of the one-sided CUSUM grows with the number of multi-site "
+            "merchants, so a fixed h false-alarms more often on larger tables. Simulating the model's own "
+            "rejection counts (r ~ Geometric(alpha), the 10^6-merchant benchmark's alphas, 400 replicates): "
+            "h=16 fails 12.5% of seeds at M~3,900 (default table) and 100% at M~214,000 (10^6 merchants); "
+            "h=24 (upstream's next value) 0.5% / 13%; h=32 0% / 0.75%. A drift of -0.1 in acceptance over "
+            "the last 5,000 merchants still trips h=32 in 100/100 replicates.",
+            "upstream_threshold_h": was_h,
+            "shipped_threshold_h": S2_CUSUM_H,
+        },
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # coverage (decision 28)
 # ------------------------------------------------------------------------------------------------
@@ -1308,10 +1353,7 @@ def build(upstream: Path, out_root: Path, config_path: Path) -> dict:
                "Already in the layout of 1A-S5-S9 §2.1 (semver, version, dp, defaults{5 keys}, per_currency, overrides).")
     copy_param(up, out, "s7_integerisation", "s7_integerisation_policy.yaml", params["s7_integerisation_policy.yaml"],
                "Already in the layout of 1A-S5-S9 §4.1; Dirichlet and bounds lanes off (decision 10).")
-    copy_param(up, out, "s2_validation", "s2_validation_policy.yaml", params["s2_validation_policy.yaml"],
-               "Runbook-era S2 corridor policy (1A-S1-S4 §2.2 and §6 C5: corridors rho_reject_max 0.20, p99_max 3; "
-               "CUSUM k 0.5, h 16.0). Upstream raised h to 24.0 the next day (commit bb07562b2); the staged "
-               "runbook version is shipped unchanged.")
+    build_s2_validation(up, out, params["s2_validation_policy.yaml"])
 
     merchant_csv = out.files[str(Path(inputs["merchant_table"]).with_suffix(".csv").as_posix())]
     cov = coverage_report(merchant_csv, iso_real, settlement, ccy, ladder, smoothing)
