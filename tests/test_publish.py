@@ -228,3 +228,69 @@ def test_failure_record_is_atomic_timestamp_free_and_first_wins(tmp_path):
     with pytest.raises(ValueError):
         P.write_failure_record(tmp_path / "z", ids=ids, failure_class="F11", failure_code="x", state="S0", module="m")
     assert _leftovers(final.parent) == []
+
+
+# ---------------------------------------------------------------------- dead writers' leftovers (issue 7)
+_CHILD = r"""
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from engine.core import publish
+with publish.staged(Path({final!r}), "E_TEST") as tmp:
+    (tmp / "part-00000.parquet").write_bytes(b"half")
+    print(tmp.name, flush=True)
+    if {kill}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(30)
+"""
+
+
+def _start_writer(final, kill):
+    import subprocess
+    import sys
+    from pathlib import Path as _P
+
+    repo = str(_P(__file__).resolve().parents[1])
+    code = _CHILD.format(repo=repo, final=str(final), kill=kill)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    name = p.stdout.readline().strip()
+    return p, name
+
+
+def test_killed_writer_leftovers_are_swept_by_next_publish(tmp_path):
+    final = tmp_path / "ds" / "seed=1"
+    p, name = _start_writer(final, kill=True)
+    p.wait()
+    assert p.returncode == -9
+    left = sorted(x.name for x in final.parent.iterdir())
+    assert left == [name, name + ".lock"]  # the kill left its staging dir and lock behind
+    with P.staged(final, "E_TEST") as tmp:
+        (tmp / "a.txt").write_text("x")
+    assert sorted(x.name for x in final.parent.iterdir()) == ["seed=1"]
+    assert (final / "a.txt").read_text() == "x"
+
+
+def test_live_writer_is_never_swept(tmp_path):
+    final = tmp_path / "ds" / "seed=1"
+    p, name = _start_writer(final, kill=False)
+    try:
+        assert P.sweep_stale(final) == []
+        assert (final.parent / name / "part-00000.parquet").read_bytes() == b"half"
+        # a legacy staging dir without a lock (pre-lock engine or a kill before locking) is dead
+        (final.parent / "_tmp.seed=1.deadbeef").mkdir()
+        (final.parent / "_old.seed=1.cafe").mkdir()
+        assert P.sweep_stale(final) == ["_old.seed=1.cafe", "_tmp.seed=1.deadbeef"]
+        assert (final.parent / name).is_dir()
+    finally:
+        p.kill()
+        p.wait()
+    assert P.sweep_stale(final) == [name]
+    assert list(final.parent.iterdir()) == []
+
+
+def test_publish_file_sweeps_dead_temp_files(tmp_path):
+    final = tmp_path / "x" / "flag"
+    final.parent.mkdir()
+    (final.parent / "_tmp.flag.0011").write_bytes(b"torn")
+    assert P.publish_file(final, b"ok", "E_TEST") is True
+    assert sorted(x.name for x in final.parent.iterdir()) == ["flag"]

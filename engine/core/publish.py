@@ -5,7 +5,9 @@
   file and directory is fsynced; if ``final_dir`` does not exist (or is an empty directory) the temp dir is
   renamed onto it in one step; if it exists with byte-identical content (same relative names, same bytes)
   the temp dir is dropped (no-op); otherwise ``PublishError(code)`` is raised and the original is left
-  intact. On an exception inside the block the temp dir is deleted and nothing is published.
+  intact. On an exception inside the block the temp dir is deleted and nothing is published. The
+  writer holds an flock on ``<temp>.lock`` while staging; :func:`sweep_stale` (run before each publish)
+  removes the staging leftovers of writers that died (SIGKILL) and never a live writer's.
 * :func:`publish_file` ``(final_path, data, code)`` -- the same semantics for one file.
 * :func:`write_parquet` -- deterministic Parquet (sorted rows, pinned writer settings, no metadata drift).
 * :func:`read_parquet_dir` -- ``part-*.parquet`` of a partition, in file-name order.
@@ -20,6 +22,7 @@ Write-once codes: 1A ``E_IMMUTABLE_PARTITION_EXISTS_NONIDENTICAL``, 1B ``E913_AT
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import filecmp
 import json
 import os
@@ -117,6 +120,85 @@ def _tmp_name(final: Path) -> Path:
     return final.parent / f"_tmp.{final.name}.{os.urandom(8).hex()}"
 
 
+# ---------------------------------------------------------------------- staging locks and sweeping
+# A staging path X (dir or file) is owned through a sibling lock file X.lock that its writer holds
+# with flock(LOCK_EX) for as long as X exists. The lock file is created and locked under a hidden
+# name, then renamed into place, so X.lock never exists unlocked while its owner lives. A process
+# killed mid-publish (SIGKILL, node loss) releases the lock with its file descriptors, so the next
+# publisher of the same partition can tell a dead writer's leftovers from a live writer's work and
+# remove them (issue 7 fault tests: no `_tmp.*` debris after a kill and rerun).
+
+
+def _lock_stage(tmp: Path) -> int:
+    pre = tmp.parent / f".{tmp.name}.lock.pre"
+    fd = os.open(pre, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(pre, tmp.parent / f"{tmp.name}.lock")
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            pre.unlink()
+        raise
+    return fd
+
+
+def _unlock_stage(tmp: Path, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp.parent / f"{tmp.name}.lock")
+    os.close(fd)
+
+
+def _remove_path(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def sweep_stale(final: str | Path) -> list[str]:
+    """Remove staging leftovers of dead writers beside ``final`` (``_tmp.<name>.*``, ``_old.<name>.*``);
+    returns the names removed, sorted. A live writer's staging path (lock held) is never touched."""
+    final = Path(final)
+    parent = final.parent
+    if not parent.is_dir():
+        return []
+    removed: list[str] = []
+    tmp_prefix, old_prefix = f"_tmp.{final.name}.", f"_old.{final.name}."
+    for entry in sorted(os.listdir(parent)):
+        if entry.startswith(old_prefix):
+            # `_old.*` exists only between two renames and the rmtree that follows: a leftover of a kill
+            _remove_path(parent / entry)
+            removed.append(entry)
+            continue
+        if not entry.startswith(tmp_prefix):
+            continue
+        stage = entry[:-5] if entry.endswith(".lock") else entry
+        lock = parent / f"{stage}.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            if not entry.endswith(".lock"):
+                # writers create the lock before the staging path and drop it after: no lock => dead
+                _remove_path(parent / entry)
+                removed.append(entry)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a live writer
+        try:
+            _remove_path(parent / stage)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            removed.append(entry)
+        finally:
+            os.close(fd)
+    return removed
+
+
 # ---------------------------------------------------------------------- publishing
 @contextlib.contextmanager
 def staged(final_dir: str | Path, code: str,
@@ -128,14 +210,17 @@ def staged(final_dir: str | Path, code: str,
     old one deleted."""
     final = Path(final_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(final)
     tmp = _tmp_name(final)
-    tmp.mkdir()
+    fd = _lock_stage(tmp)
     try:
+        tmp.mkdir()
         yield tmp
         _commit_dir(tmp, final, code, replace_if)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        _unlock_stage(tmp, fd)
 
 
 def _commit_dir(tmp: Path, final: Path, code: str, replace_if: Callable[[Path], bool] | None) -> str:
@@ -179,7 +264,9 @@ def publish_file(final_path: str | Path, data: bytes, code: str) -> bool:
     already existed; different existing bytes -> ``PublishError(code)`` (the original is left intact)."""
     final = Path(final_path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(final)
     tmp = _tmp_name(final)
+    fd = _lock_stage(tmp)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -205,6 +292,7 @@ def publish_file(final_path: str | Path, data: bytes, code: str) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        _unlock_stage(tmp, fd)
 
 
 # ---------------------------------------------------------------------- parquet
