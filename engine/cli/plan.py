@@ -17,9 +17,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from engine.cli._common import state_label
 from engine.core import config as engine_config
 
 REPO = engine_config.REPO_ROOT
+
+
+def _segment(rule: str) -> str:
+    """1A / 1B / report: the part of the workflow a rule belongs to (rules are named s1a_*, s1b_*, report_*)."""
+    if rule.startswith("s1a_"):
+        return "1A"
+    if rule.startswith("s1b_"):
+        return "1B"
+    return "report" if rule.startswith("report_") else "other"
 
 
 def summary(data_root: Path, configfiles: list[str], config_overrides: list[str], targets: list[str]) -> list[dict]:
@@ -42,9 +52,11 @@ def summary(data_root: Path, configfiles: list[str], config_overrides: list[str]
     for ln in lines[1:]:
         rec = dict(zip(header, ln.split("\t")))
         plan = rec.get("plan", "")
+        rule = rec.get("rule", "")
         rows.append({
             "path": rec["output_file"],
-            "state": rec.get("rule", ""),
+            "state": rule,
+            "segment": _segment(rule),
             "action": "reuse" if plan == "no update" else "recompute",
             "status": rec.get("status", ""),
         })
@@ -78,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print("states that would recompute:")
     for s in result["recompute_states"]:
-        print(f"  {s}")
+        print(f"  {state_label(s):<28} {s}")
     print("states whose outputs are reused:")
     for s in result["reuse_states"]:
-        print(f"  {s}")
+        print(f"  {state_label(s):<28} {s}")
     print("per dataset path:")
     for r in result["outputs"]:
         print(f"  {r['action']:<9} {r['state']:<28} {r['path']}")

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-sequencing", action="store_true")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="show what would run (snakemake -n)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Snakemake's own output as well as the one progress line per state")
     return p
 
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     extra = ["-n"] if a.dry_run else []
-    rc = run_snakemake(out, cfg, ["segment1a"], a.cores, extra)
+    rc = run_snakemake(out, cfg, ["segment1a"], a.cores, extra, verbose=a.verbose)
     print_json({
         "segment": "1A",
         "seed": r.seed,

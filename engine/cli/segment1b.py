@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--skip-s0", action="store_true", help="do not run S0 (needs a verified S0 receipt)")
     r.add_argument("--cores", type=int, default=2)
     r.add_argument("--dry-run", action="store_true", help="show what would run (snakemake -n)")
+    r.add_argument("--verbose", action="store_true",
+                   help="show Snakemake's own output as well as the one progress line per state")
     v = sub.add_parser("validate-s9", help="re-run the S9 checks of a 1B run without re-publishing")
     ids_args(v)
     v.add_argument("--run-id", required=True, help="the 1B run_id (printed by `run`)")
@@ -309,7 +311,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         return 2
     if not a.dry_run:
         write_record(ctx)
-    rc = run_snakemake(data_root, cfg, targets, a.cores, extra_args)
+    rc = run_snakemake(data_root, cfg, targets, a.cores, extra_args, verbose=a.verbose)
     s9 = s9_outcome(ctx)
     passed = bool(rc == 0 and s9["passed"])
     print_json({

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import shapely
 
 from engine.core.errors import InputError
+from engine.core.progress import Progress
 from engine.core.schema import arrow_schema
 from engine.segment1b import spatial
 from engine.segment1b.spatial import CountryShape, Grid
@@ -611,20 +612,30 @@ def tile_all(shapes: dict[str, CountryShape], grid: Grid, index_dir: Path, bound
     isos = sorted(shapes)
     Path(index_dir).mkdir(parents=True, exist_ok=True)
     Path(bounds_dir).mkdir(parents=True, exist_ok=True)
+    # progress goes to stderr (the job log) only; it counts countries as their results reach this process
+    progress = Progress("1B.S1", total=len(isos), unit="countries")
     if workers <= 1 or len(isos) <= 1:
-        reports = [tile_country(i, shapes[i], ga, index_dir, bounds_dir, strip_cells) for i in isos]
+        reports = []
+        for i in isos:
+            reports.append(tile_country(i, shapes[i], ga, index_dir, bounds_dir, strip_cells))
+            progress.advance(1)
     else:
         import multiprocessing as mp
 
         # heaviest first (RU, CA, US, AQ, CN dominate), results re-sorted A-Z
         order = sorted(isos, key=lambda i: (-_weight(shapes[i], ga), i))
         _W.update(shapes=shapes, ga=ga, index_dir=Path(index_dir), bounds_dir=Path(bounds_dir), strip_cells=strip_cells)
+        reports = []
         try:
             with mp.get_context("fork").Pool(workers) as pool:
-                reports = pool.map(_work, order, chunksize=1)
+                # imap (ordered, one country per task): the same work and files as map, results as they come
+                for rep in pool.imap(_work, order, chunksize=1):
+                    reports.append(rep)
+                    progress.advance(1)
         finally:
             _W.clear()
         reports.sort(key=lambda r: r["country_iso"])
+    progress.finish()
     return reports
 
 
@@ -668,7 +679,8 @@ def run_with_report(ctx) -> dict:
     }
 
 
-def run(ctx) -> None:
+def run(ctx) -> dict:
+    """S1 for a RunContext; returns the run report (``rows_emitted`` feeds run_state's final progress line)."""
     import sys
 
     r = run_with_report(ctx)
@@ -677,3 +689,4 @@ def run(ctx) -> None:
           f"{r['grid_dims']['ncols']} x {r['grid_dims']['nrows']} grid; one-cell fallback (no centre inside): "
           f"{r['countries_fallback'] or 'none'}; ISO codes without a polygon (no tiles): "
           f"{r['iso_without_polygon'] or 'none'}", file=sys.stderr)
+    return r

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.core.errors import InputError, ModelError
+from engine.core.progress import Progress
 from engine.segment1b import spatial
 from engine.core.schema import arrow_schema
 from engine.segment1b.s1_tile_index import _dict_const, _workers, _write_schema, parquet_writer
@@ -637,20 +638,30 @@ def weight_all(index_dir: Path, out_dir: Path, basis: str, dp: int, raster_path:
         grid = spatial.read_grid(raster_path)  # same checks as S1 (the grid is what grid_hash covers)
         del grid
     out_dir.mkdir(parents=True, exist_ok=True)
+    # progress goes to stderr (the job log) only; it counts countries as their results reach this process
+    progress = Progress("1B.S2", total=len(isos), unit="countries")
     if workers <= 1 or len(isos) <= 1:
-        reports = [weight_country(i, index_dir / spatial.country_part_name(i), out_dir / spatial.country_part_name(i),
-                                  basis, dp, raster_path) for i in isos]
+        reports = []
+        for i in isos:
+            reports.append(weight_country(i, index_dir / spatial.country_part_name(i),
+                                          out_dir / spatial.country_part_name(i), basis, dp, raster_path))
+            progress.advance(1)
     else:
         import multiprocessing as mp
 
         order = sorted(isos, key=lambda i: (-pq.ParquetFile(index_dir / spatial.country_part_name(i)).metadata.num_rows, i))
         _W.update(index_dir=index_dir, out_dir=out_dir, basis=basis, dp=dp, raster=raster_path)
+        reports = []
         try:
             with mp.get_context("fork").Pool(workers) as pool:
-                reports = pool.map(_work, order, chunksize=1)
+                # imap (ordered, one country per task): the same work and files as map, results as they come
+                for rep in pool.imap(_work, order, chunksize=1):
+                    reports.append(rep)
+                    progress.advance(1)
         finally:
             _W.clear()
         reports.sort(key=lambda r: r["country_iso"])
+    progress.finish()
     return reports
 
 
@@ -681,9 +692,11 @@ def run_with_report(ctx) -> dict:
     }
 
 
-def run(ctx) -> None:
+def run(ctx) -> dict:
+    """S2 for a RunContext; returns the run report (``rows_emitted`` feeds run_state's final progress line)."""
     import sys
 
     r = run_with_report(ctx)
     print(f"[1B.S2] {r['rows_emitted']} tile weights for {r['countries_total']} countries, basis {r['basis']}, "
           f"dp {r['dp']}; all-zero mass, weighted uniformly: {r['zero_mass_fallback'] or 'none'}", file=sys.stderr)
+    return r
