@@ -35,6 +35,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.core.errors import EngineError, GateError, ValidationFailure
 
@@ -261,6 +262,11 @@ class Failures:
             merchants = df[merchant_col].to_numpy()
         self.add(code, detail, rows, count=len(df), dataset_id=dataset_id, merchants=merchants)
 
+    def extend(self, other: "Failures") -> None:
+        """Append another collector's failures (after this one's)."""
+        self.items.extend(other.items)
+        self.merchants.update(other.merchants)
+
     def codes(self) -> list[str]:
         seen: list[str] = []
         for f in self.items:
@@ -358,6 +364,153 @@ def _is_null_series(s: pd.Series) -> np.ndarray:
     return np.asarray(pd.isna(s), dtype=bool)
 
 
+# Sorted-array set operations. numpy 2.x np.unique (and so setdiff1d / intersect1d / isin) hashes integer
+# arrays, ~0.7 s per 10^6 uint64 against ~0.05 s for a sort; at 10^6 merchants S9 spent ~18 s there.
+# Same results as the numpy functions (sorted unique values / boolean masks); any other dtype mix goes to
+# numpy itself.
+
+
+def _int1d(*arrays) -> bool:
+    return all(a.ndim == 1 and a.dtype.kind in "ui" and a.dtype == arrays[0].dtype for a in arrays)
+
+
+def _uniq(a) -> np.ndarray:
+    a = np.asarray(a)
+    if not _int1d(a):
+        return np.unique(a)
+    s = np.sort(a)
+    if len(s) < 2:
+        return s
+    keep = np.empty(len(s), dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
+def _isin(a, b) -> np.ndarray:
+    a, b = np.asarray(a), np.asarray(b)
+    if not _int1d(a, b):
+        return np.isin(a, b)
+    if len(b) == 0:
+        return np.zeros(len(a), dtype=bool)
+    s = np.sort(b)
+    idx = np.searchsorted(s, a)
+    idx[idx == len(s)] = 0
+    return s[idx] == a
+
+
+def _setdiff(a, b) -> np.ndarray:
+    a, b = np.asarray(a), np.asarray(b)
+    if not _int1d(a, b):
+        return np.setdiff1d(a, b)
+    u = _uniq(a)
+    return u[~_isin(u, b)]
+
+
+def _intersect(a, b) -> np.ndarray:
+    a, b = np.asarray(a), np.asarray(b)
+    if not _int1d(a, b):
+        return np.intersect1d(a, b)
+    u = _uniq(a)
+    return u[_isin(u, b)]
+
+
+def _union(a, b) -> np.ndarray:
+    a, b = np.asarray(a), np.asarray(b)
+    if not _int1d(a, b):
+        return np.union1d(a, b)
+    return _uniq(np.concatenate([a, b]))
+
+
+def _setxor(a, b) -> np.ndarray:
+    a, b = np.asarray(a), np.asarray(b)
+    if not _int1d(a, b):
+        return np.setxor1d(a, b)
+    c = np.sort(np.concatenate([_uniq(a), _uniq(b)]))
+    if len(c) == 0:
+        return c
+    once = np.ones(len(c), dtype=bool)
+    same = c[1:] == c[:-1]
+    once[1:] &= ~same
+    once[:-1] &= ~same
+    return c[once]
+
+
+def _restrict(right: pd.DataFrame, *lefts: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``right`` whose merchant_id occurs in one of ``lefts``: a left/inner merge of any of them
+    with ``right`` on keys that include merchant_id gives the same rows, in the same order, either way, and
+    factorising the 10^6-merchant candidate set for a 10^5-row left side cost seconds. ``right`` itself when
+    merchant ids are not plain integers or no row would remain."""
+    rm = right["merchant_id"].to_numpy()
+    lms = [x["merchant_id"].to_numpy() for x in lefts]
+    if rm.dtype.kind not in "ui" or any(x.dtype != rm.dtype for x in lms):
+        return right
+    keep = _isin(rm, np.concatenate(lms) if len(lms) > 1 else lms[0])
+    return right[keep] if keep.any() else right
+
+
+def _order_key(s: pd.Series) -> np.ndarray | None:
+    """Integer/float array ordering like ``s`` does under sort_values, or None when that cannot be shown
+    cheaply (missing values, mixed objects): the caller then lets pandas sort."""
+    v = s.to_numpy() if s.dtype.kind in "uifb" else None
+    if v is not None and v.dtype.kind in "uib":
+        return v.astype(np.uint8) if v.dtype.kind == "b" else v
+    if v is not None and v.dtype.kind == "f":
+        return None if np.isnan(v).any() else v
+    try:
+        codes, _ = pd.factorize(s, sort=True)  # codes follow the sorted order of the distinct values
+    except TypeError:
+        return None
+    return None if (codes < 0).any() else codes
+
+
+def _descending(k: np.ndarray) -> np.ndarray | None:
+    if k.dtype.kind == "u":
+        return ~k if k.dtype == np.uint64 else -(k.astype(np.int64))
+    if k.dtype.kind == "i":
+        return None if len(k) and k.min() == np.iinfo(k.dtype).min else -k
+    return -k  # float without NaN
+
+
+def _sorted_frame(df: pd.DataFrame, by: list[str], ascending: bool | list[bool] = True) -> pd.DataFrame:
+    """``df.sort_values(by, ascending, kind="stable")`` (index labels kept): an input already in that order
+    is returned as is, otherwise a stable np.lexsort over the same orderings, else pandas itself."""
+    asc = [ascending] * len(by) if isinstance(ascending, bool) else list(ascending)
+    keys = []
+    for c, a in zip(by, asc):
+        k = _order_key(df[c])
+        if k is not None and not a:
+            k = _descending(k)
+        if k is None:
+            return df.sort_values(by, ascending=ascending, kind="stable")
+        keys.append(k)
+    if len(df) < 2:
+        return df
+    ok = np.zeros(len(df) - 1, dtype=bool)
+    eq = np.ones(len(df) - 1, dtype=bool)
+    for k in keys:
+        x, y = k[:-1], k[1:]
+        ok |= eq & (x < y)
+        eq &= x == y
+    if (ok | eq).all():
+        return df
+    return df.take(np.lexsort(keys[::-1]))
+
+
+def _cumcount_sorted(keys: list[np.ndarray]) -> np.ndarray:
+    """groupby(keys, sort=False).cumcount() for rows whose groups are contiguous (a sorted frame)."""
+    n = len(keys[0])
+    start = np.ones(n, dtype=bool)
+    if n > 1:
+        same = np.ones(n - 1, dtype=bool)
+        for k in keys:
+            same &= k[1:] == k[:-1]
+        start[1:] = ~same
+    first = np.flatnonzero(start)
+    size = np.diff(np.append(first, n))
+    return np.arange(n, dtype=np.int64) - np.repeat(first, size)
+
+
 # --------------------------------------------------------------------------------------------------
 # Canonical JSON (bundle bytes)
 # --------------------------------------------------------------------------------------------------
@@ -389,100 +542,111 @@ def family_table(families: dict | None) -> tuple[dict[str, set[tuple[str, str]]]
     return pairs, nonc
 
 
+def _envelope_tokens(ids) -> dict[str, str]:
+    return {"seed": str(ids.seed), "parameter_hash": ids.parameter_hash, "run_id": ids.run_id,
+            "manifest_fingerprint": ids.manifest_fingerprint}
+
+
 def check_rng_envelopes(events: dict[str, pd.DataFrame], ids, fails: Failures, families: dict | None = None) -> None:
     """Per-event envelope law over every family (00-core §3.6, 1A-S5-S9 §6.2 RNG group):
     path<->embed equality, registered module/label, blocks == after - before, non-consuming rows,
     fixed budgets and duplicate event identities."""
-    tok = {"seed": str(ids.seed), "parameter_hash": ids.parameter_hash, "run_id": ids.run_id,
-           "manifest_fingerprint": ids.manifest_fingerprint}
+    tok = _envelope_tokens(ids)
     registered, nonconsuming = family_table(families)
     for fam in sorted(events):
-        df = events[fam]
-        if len(df) == 0:
-            continue
-        # --- path <-> embed (00-core §2.3: seed, parameter_hash, run_id = tokens; fingerprint = run's)
-        for name, want in tok.items():
-            if name not in df.columns:
-                fails.add("E_SCHEMA_INVALID", f"rng_event {fam}: envelope field {name} missing", [fam])
-                continue
-            vals = df[name].to_numpy()
-            if isinstance(df[name].dtype, pd.StringDtype) and want != "nan":  # vectorised: missing != want
-                badm = (df[name] != want).to_numpy(dtype=bool)
-            else:
-                badm = (vals.astype(np.uint64).astype(str) if vals.dtype.kind in "ui" else vals.astype(str)) != want
-            if badm.any():
-                fails.frame("E_PATH_EMBED_MISMATCH", f"rng_event {fam}: embedded {name} != {want}",
-                            _envelope_rows(df[badm], extra=[name]), dataset_id=f"rng_event_{fam}")
-        # --- registered module / label pairs
-        pairs = registered.get(fam, set())
-        if all(isinstance(df[c].dtype, pd.StringDtype) for c in ("module", "substream_label")):
-            combo = (df["module"] + "|" + df["substream_label"]).reset_index(drop=True)  # missing stays missing
-        else:
-            combo = pd.Series(df["module"].to_numpy().astype(str).astype(object) + "|" +
-                              df["substream_label"].to_numpy().astype(str).astype(object))
-        badmask = ~combo.isin([f"{m}|{lab}" for m, lab in sorted(pairs)]).to_numpy(dtype=bool)
-        fails.frame("E_SCHEMA_INVALID", f"rng_event {fam}: unregistered (module, substream_label); "
-                    f"registered: {sorted(pairs)}", _envelope_rows(df[badmask]), dataset_id=f"rng_event_{fam}")
-        # --- counters: blocks == u128(after) - u128(before)
-        ok = _u128_delta_is(df["rng_counter_after_hi"], df["rng_counter_after_lo"], df["rng_counter_before_hi"],
-                            df["rng_counter_before_lo"], df["blocks"])
-        fails.frame("E_RNG_COUNTER_MISMATCH", f"rng_event {fam}: blocks != u128(after) - u128(before)",
-                    _envelope_rows(df[~ok]), dataset_id=f"rng_event_{fam}")
-        blocks = df["blocks"].to_numpy().astype(np.uint64)
-        draws = df["draws_u64"].to_numpy()
-        # --- non-consuming families
-        if fam in nonconsuming:
-            same = (df["rng_counter_after_hi"].to_numpy() == df["rng_counter_before_hi"].to_numpy()) & (
-                df["rng_counter_after_lo"].to_numpy() == df["rng_counter_before_lo"].to_numpy())
-            if isinstance(df["draws"].dtype, pd.StringDtype):
-                strd = (df["draws"] == "0").to_numpy(dtype=bool)  # missing -> False, as str(nan) == "0" is
-            else:
-                strd = np.asarray([str(v) == "0" for v in df["draws"].to_numpy()], dtype=bool)
-            bad = ~(same & (blocks == 0) & strd)
-            fails.frame("E_NONCONSUMING_CHANGED_COUNTERS",
-                        f"rng_event {fam}: non-consuming event must have before == after, blocks 0, draws \"0\"",
-                        _envelope_rows(df[bad]), dataset_id=f"rng_event_{fam}")
-            continue
-        # --- fixed / structural budgets (draws = uniforms actually used)
-        bad = np.zeros(len(df), dtype=bool)
-        if fam == "hurdle_bernoulli":
-            bad = ~(((blocks == 0) & (draws == 0)) | ((blocks == 1) & (draws == 1)))
-        elif fam == "gumbel_key":
-            bad = ~((blocks == 1) & (draws == 1))
-        elif fam == "normal_box_muller":
-            bad = ~((blocks == 1) & (draws == 2))
-        elif fam == "gamma_component":
-            # draws = 2J + A (+1), blocks = J + A (+1), 1 <= A <= J (1A-S1-S4 §0.2) => J = draws - blocks >= 1
-            j = draws.astype(np.float64) - blocks.astype(np.float64)
-            boost = np.zeros(len(df))
-            if "alpha" in df.columns:
-                boost = (df["alpha"].to_numpy(dtype=np.float64) < 1.0).astype(np.float64)
-            a = blocks.astype(np.float64) - j - boost
-            bad = ~((j >= 1) & (a >= 1) & (a <= j))
-        elif fam == "poisson_component" and "lambda" in df.columns and "k" in df.columns:
-            lam = df["lambda"].to_numpy(dtype=np.float64)
-            k = df["k"].to_numpy().astype(np.float64)
-            inv = lam < 10.0  # regime threshold lambda* = 10 (00-core §3.5, decision 7)
-            bad_inv = inv & ~((blocks.astype(np.float64) == k + 1) & (draws == blocks))
-            bad_ptrs = ~inv & ~((blocks >= 1) & (draws == 2 * blocks))
-            bad = bad_inv | bad_ptrs
-        elif fam == "dirichlet_gamma_vector":
-            bad = ~(draws >= blocks)
-        fails.frame("E_RNG_BUDGET_VIOLATION", f"rng_event {fam}: draws/blocks outside the family budget",
-                    _envelope_rows(df[bad], extra=[c for c in ("lambda", "k", "alpha") if c in df.columns]),
-                    dataset_id=f"rng_event_{fam}")
-    # --- duplicate event identities (same family, stream and counter twice)
+        _envelope_family(fam, events[fam], tok, registered, nonconsuming, fails)
     for fam in sorted(events):
-        df = events[fam]
-        if len(df) == 0:
+        _duplicate_events(fam, events[fam], fails)
+
+
+def _envelope_family(fam: str, df: pd.DataFrame, tok: dict[str, str], registered: dict, nonconsuming: frozenset,
+                     fails: Failures, *, tokens: bool = True) -> None:
+    """check_rng_envelopes for one family. ``tokens=False``: the embedded tokens were already shown equal to
+    the run's on every row (Arrow, before conversion), so their columns may be absent from ``df``."""
+    if len(df) == 0:
+        return
+    # --- path <-> embed (00-core §2.3: seed, parameter_hash, run_id = tokens; fingerprint = run's)
+    for name, want in (tok.items() if tokens else ()):
+        if name not in df.columns:
+            fails.add("E_SCHEMA_INVALID", f"rng_event {fam}: envelope field {name} missing", [fam])
             continue
-        key = [c for c in ("module", "substream_label", "merchant_id", "country_iso", "rng_counter_before_hi",
-                           "rng_counter_before_lo", "rng_counter_after_hi", "rng_counter_after_lo") if c in df.columns]
-        dup = df[df.duplicated(subset=key, keep=False)]
-        if fam in ("hurdle_bernoulli", "nb_final", "ztp_final", "sequence_finalize"):
-            continue  # reported with their own cardinality codes
-        fails.frame("E_DUP_PK", f"rng_event {fam}: duplicate event identity", _envelope_rows(dup),
-                    dataset_id=f"rng_event_{fam}")
+        vals = df[name].to_numpy()
+        if isinstance(df[name].dtype, pd.StringDtype) and want != "nan":  # vectorised: missing != want
+            badm = (df[name] != want).to_numpy(dtype=bool)
+        else:
+            badm = (vals.astype(np.uint64).astype(str) if vals.dtype.kind in "ui" else vals.astype(str)) != want
+        if badm.any():
+            fails.frame("E_PATH_EMBED_MISMATCH", f"rng_event {fam}: embedded {name} != {want}",
+                        _envelope_rows(df[badm], extra=[name]), dataset_id=f"rng_event_{fam}")
+    # --- registered module / label pairs
+    pairs = registered.get(fam, set())
+    if all(isinstance(df[c].dtype, pd.StringDtype) for c in ("module", "substream_label")):
+        combo = (df["module"] + "|" + df["substream_label"]).reset_index(drop=True)  # missing stays missing
+    else:
+        combo = pd.Series(df["module"].to_numpy().astype(str).astype(object) + "|" +
+                          df["substream_label"].to_numpy().astype(str).astype(object))
+    badmask = ~combo.isin([f"{m}|{lab}" for m, lab in sorted(pairs)]).to_numpy(dtype=bool)
+    fails.frame("E_SCHEMA_INVALID", f"rng_event {fam}: unregistered (module, substream_label); "
+                f"registered: {sorted(pairs)}", _envelope_rows(df[badmask]), dataset_id=f"rng_event_{fam}")
+    # --- counters: blocks == u128(after) - u128(before)
+    ok = _u128_delta_is(df["rng_counter_after_hi"], df["rng_counter_after_lo"], df["rng_counter_before_hi"],
+                        df["rng_counter_before_lo"], df["blocks"])
+    fails.frame("E_RNG_COUNTER_MISMATCH", f"rng_event {fam}: blocks != u128(after) - u128(before)",
+                _envelope_rows(df[~ok]), dataset_id=f"rng_event_{fam}")
+    blocks = df["blocks"].to_numpy().astype(np.uint64)
+    draws = df["draws_u64"].to_numpy()
+    # --- non-consuming families
+    if fam in nonconsuming:
+        same = (df["rng_counter_after_hi"].to_numpy() == df["rng_counter_before_hi"].to_numpy()) & (
+            df["rng_counter_after_lo"].to_numpy() == df["rng_counter_before_lo"].to_numpy())
+        if isinstance(df["draws"].dtype, pd.StringDtype):
+            strd = (df["draws"] == "0").to_numpy(dtype=bool)  # missing -> False, as str(nan) == "0" is
+        else:
+            strd = np.asarray([str(v) == "0" for v in df["draws"].to_numpy()], dtype=bool)
+        bad = ~(same & (blocks == 0) & strd)
+        fails.frame("E_NONCONSUMING_CHANGED_COUNTERS",
+                    f"rng_event {fam}: non-consuming event must have before == after, blocks 0, draws \"0\"",
+                    _envelope_rows(df[bad]), dataset_id=f"rng_event_{fam}")
+        return
+    # --- fixed / structural budgets (draws = uniforms actually used)
+    bad = np.zeros(len(df), dtype=bool)
+    if fam == "hurdle_bernoulli":
+        bad = ~(((blocks == 0) & (draws == 0)) | ((blocks == 1) & (draws == 1)))
+    elif fam == "gumbel_key":
+        bad = ~((blocks == 1) & (draws == 1))
+    elif fam == "normal_box_muller":
+        bad = ~((blocks == 1) & (draws == 2))
+    elif fam == "gamma_component":
+        # draws = 2J + A (+1), blocks = J + A (+1), 1 <= A <= J (1A-S1-S4 §0.2) => J = draws - blocks >= 1
+        j = draws.astype(np.float64) - blocks.astype(np.float64)
+        boost = np.zeros(len(df))
+        if "alpha" in df.columns:
+            boost = (df["alpha"].to_numpy(dtype=np.float64) < 1.0).astype(np.float64)
+        a = blocks.astype(np.float64) - j - boost
+        bad = ~((j >= 1) & (a >= 1) & (a <= j))
+    elif fam == "poisson_component" and "lambda" in df.columns and "k" in df.columns:
+        lam = df["lambda"].to_numpy(dtype=np.float64)
+        k = df["k"].to_numpy().astype(np.float64)
+        inv = lam < 10.0  # regime threshold lambda* = 10 (00-core §3.5, decision 7)
+        bad_inv = inv & ~((blocks.astype(np.float64) == k + 1) & (draws == blocks))
+        bad_ptrs = ~inv & ~((blocks >= 1) & (draws == 2 * blocks))
+        bad = bad_inv | bad_ptrs
+    elif fam == "dirichlet_gamma_vector":
+        bad = ~(draws >= blocks)
+    fails.frame("E_RNG_BUDGET_VIOLATION", f"rng_event {fam}: draws/blocks outside the family budget",
+                _envelope_rows(df[bad], extra=[c for c in ("lambda", "k", "alpha") if c in df.columns]),
+                dataset_id=f"rng_event_{fam}")
+
+
+def _duplicate_events(fam: str, df: pd.DataFrame, fails: Failures) -> None:
+    """Duplicate event identities (same family, stream and counter twice)."""
+    if len(df) == 0 or fam in ("hurdle_bernoulli", "nb_final", "ztp_final", "sequence_finalize"):
+        return  # those four are reported with their own cardinality codes
+    key = [c for c in ("module", "substream_label", "merchant_id", "country_iso", "rng_counter_before_hi",
+                       "rng_counter_before_lo", "rng_counter_after_hi", "rng_counter_after_lo") if c in df.columns]
+    dup = df[df.duplicated(subset=key, keep=False)]
+    fails.frame("E_DUP_PK", f"rng_event {fam}: duplicate event identity", _envelope_rows(dup),
+                dataset_id=f"rng_event_{fam}")
 
 
 def _envelope_rows(df: pd.DataFrame, extra: Iterable[str] = ()) -> pd.DataFrame:
@@ -538,15 +702,25 @@ def check_trace(events: dict[str, pd.DataFrame], trace: pd.DataFrame, audit: lis
     per-key accounting for rng_accounting.json."""
     sums: dict[tuple[str, str], dict] = {}
     for fam in sorted(events):
-        df = events[fam]
-        if len(df) == 0:
-            continue
-        for (mod, lab), sub in df.groupby(["module", "substream_label"], sort=True):
-            s = sums.setdefault((str(mod), str(lab)), {"events": 0, "draws": 0, "blocks": 0, "families": set()})
-            s["events"] += int(len(sub))
-            s["draws"] += _u128_sum(sub["draws_u64"].to_numpy())
-            s["blocks"] += _u128_sum(sub["blocks"].to_numpy())
-            s["families"].add(fam)
+        _trace_sums(fam, events[fam], sums)
+    return _trace_accounting(sums, _trace_finals(trace, ids, fails), audit, ids, fails)
+
+
+def _trace_sums(fam: str, df: pd.DataFrame, sums: dict) -> None:
+    """Add one family's events to the per-(module, substream_label) sums of :func:`check_trace`."""
+    if len(df) == 0:
+        return
+    for (mod, lab), sub in df.groupby(["module", "substream_label"], sort=True):
+        s = sums.setdefault((str(mod), str(lab)), {"events": 0, "draws": 0, "blocks": 0, "families": set()})
+        s["events"] += int(len(sub))
+        s["draws"] += _u128_sum(sub["draws_u64"].to_numpy())
+        s["blocks"] += _u128_sum(sub["blocks"].to_numpy())
+        s["families"].add(fam)
+
+
+def _trace_finals(trace: pd.DataFrame, ids, fails: Failures) -> tuple[dict, dict]:
+    """Trace rows of check_trace: embedded seed/run_id, non-decreasing totals; returns (final row totals,
+    row count) per (module, substream_label)."""
     finals: dict[tuple[str, str], dict] = {}
     rows_per_key: dict[tuple[str, str], int] = {}
     if len(trace):
@@ -576,6 +750,12 @@ def check_trace(events: dict[str, pd.DataFrame], trace: pd.DataFrame, audit: lis
             finals[(str(key_mod[i]), str(key_lab[i]))] = {"events_total": int(t["events_total"].iloc[i]),
                                                            "draws_total": int(t["draws_total"].iloc[i]),
                                                            "blocks_total": int(t["blocks_total"].iloc[i])}
+    return finals, rows_per_key
+
+
+def _trace_accounting(sums: dict, finals_rows: tuple[dict, dict], audit: list[dict], ids, fails: Failures) -> dict:
+    """Coverage and totals per (module, substream_label), the audit row; the rng_accounting.json keys."""
+    finals, rows_per_key = finals_rows
     accounting: dict[str, dict] = {}
     for key in sorted(set(sums) | set(finals)):
         s = sums.get(key, {"events": 0, "draws": 0, "blocks": 0, "families": set()})
@@ -650,11 +830,11 @@ def check_s1(hurdle: pd.DataFrame, universe: np.ndarray, fails: Failures, *, pi_
     dup = h[h.duplicated(subset=["merchant_id"], keep=False)]
     fails.frame("E_S1_CARDINALITY", "more than one hurdle_bernoulli event for a merchant", _envelope_rows(dup))
     hm = h["merchant_id"].to_numpy().astype(np.uint64)
-    missing = np.setdiff1d(uni["merchant_id"].to_numpy(), hm)
+    missing = _setdiff(uni["merchant_id"].to_numpy(), hm)
     if len(missing):
         fails.add("E_S1_CARDINALITY", "merchants without a hurdle_bernoulli event",
                   [{"merchant_id": m} for m in missing[:MAX_ROWS]], count=len(missing), merchants=missing)
-    extra = np.setdiff1d(hm, uni["merchant_id"].to_numpy())
+    extra = _setdiff(hm, uni["merchant_id"].to_numpy())
     if len(extra):
         fails.add("E_S1_CARDINALITY", "hurdle_bernoulli events for merchants outside the merchant universe",
                   [{"merchant_id": m} for m in extra[:MAX_ROWS]], count=len(extra), merchants=extra)
@@ -721,7 +901,7 @@ def check_gating(events: dict[str, pd.DataFrame], multi: pd.DataFrame, eligible:
         if df is None or len(df) == 0 or "merchant_id" not in df.columns:
             continue
         m = df["merchant_id"].to_numpy().astype(np.uint64)
-        bad = ~np.isin(m, multi_ids)
+        bad = ~_isin(m, multi_ids)
         fails.frame("E_S1_GATING_VIOLATION", f"rng_event {fam} for a merchant whose hurdle is not is_multi",
                     _envelope_rows(df[bad]))
         if eligible is not None and (fam in S4_FAMILIES or fam == "gumbel_key" or (
@@ -729,7 +909,7 @@ def check_gating(events: dict[str, pd.DataFrame], multi: pd.DataFrame, eligible:
             sel = np.ones(len(df), dtype=bool)
             if fam == "poisson_component":
                 sel = df["module"].to_numpy() == S4_POISSON[0]
-            badel = sel & ~bad & ~np.isin(m, eligible)
+            badel = sel & ~bad & ~_isin(m, eligible)
             fails.frame("E_S1_GATING_VIOLATION", f"rng_event {fam} for a cross-border-ineligible merchant",
                         _envelope_rows(df[badel]))
 
@@ -749,7 +929,7 @@ def check_s2(nb_final: pd.DataFrame, gamma: pd.DataFrame, poisson: pd.DataFrame,
     dup = nb[nb.duplicated(subset=["merchant_id"], keep=False)]
     fails.frame("E_S2_FINAL_MISSING_OR_DUP", "more than one nb_final for a merchant", _envelope_rows(dup, ["n_outlets"]))
     have = nb["merchant_id"].to_numpy().astype(np.uint64)
-    missing = np.setdiff1d(multi_ids, have)
+    missing = _setdiff(multi_ids, have)
     if len(missing):
         fails.add("E_S2_FINAL_MISSING_OR_DUP", "multi-site merchants without an nb_final event",
                   [{"merchant_id": m} for m in missing[:MAX_ROWS]], count=len(missing), merchants=missing)
@@ -772,7 +952,7 @@ def check_s2(nb_final: pd.DataFrame, gamma: pd.DataFrame, poisson: pd.DataFrame,
         # orphan components (merchant without nb_final)
         for name, t in (("gamma_component", g), ("poisson_component", p)):
             if len(t):
-                orphan = t[~np.isin(t["merchant_id"].to_numpy().astype(np.uint64), have)]
+                orphan = t[~_isin(t["merchant_id"].to_numpy().astype(np.uint64), have)]
                 fails.frame("E_S2_FINAL_MISSING_OR_DUP", f"S2 {name} events for a merchant without nb_final",
                             _envelope_rows(orphan))
         if len(g) and len(p):
@@ -807,9 +987,10 @@ def _attempt_index(df: pd.DataFrame) -> pd.DataFrame:
     """Order a label's events per merchant by before counter; _t = 0-based attempt index."""
     if df is None or len(df) == 0:
         return pd.DataFrame({"merchant_id": np.zeros(0, np.uint64), "_t": np.zeros(0, np.int64)})
-    d = df.sort_values(["merchant_id", "rng_counter_before_hi", "rng_counter_before_lo"], kind="stable").reset_index(
-        drop=True)
-    d["_t"] = d.groupby("merchant_id", sort=False).cumcount().to_numpy().astype(np.int64)
+    d = _sorted_frame(df, ["merchant_id", "rng_counter_before_hi", "rng_counter_before_lo"]).reset_index(drop=True)
+    mid = d["merchant_id"].to_numpy()
+    d["_t"] = (_cumcount_sorted([mid]) if mid.dtype.kind in "ui" else
+               d.groupby("merchant_id", sort=False).cumcount().to_numpy().astype(np.int64))
     return d
 
 
@@ -834,8 +1015,7 @@ def check_counter_chains(events: dict[str, pd.DataFrame], fails: Failures, bases
         if fam == "hurdle_bernoulli":
             d = d[d["blocks"].to_numpy().astype(np.uint64) > 0]
         keys = ["merchant_id", "country_iso"] if lab in ISO_KEYED_LABELS else ["merchant_id"]
-        d = d.sort_values([*keys, "rng_counter_before_hi", "rng_counter_before_lo"], kind="stable").reset_index(
-            drop=True)
+        d = _sorted_frame(d, [*keys, "rng_counter_before_hi", "rng_counter_before_lo"]).reset_index(drop=True)
         same = np.ones(len(d), dtype=bool)
         for k in keys:
             kv = d[k].to_numpy()
@@ -865,7 +1045,14 @@ def check_counter_chains(events: dict[str, pd.DataFrame], fails: Failures, bases
 def _compare_base(df: pd.DataFrame, base: pd.DataFrame, keys: list[str], detail: str, fails: Failures) -> None:
     if len(df) == 0:
         return
-    j = df[[*keys, "rng_counter_before_hi", "rng_counter_before_lo"]].merge(base, on=keys, how="left")
+    j = df[[*keys, "rng_counter_before_hi", "rng_counter_before_lo"]]
+    if _aligned(j, base, keys):
+        j = j.reset_index(drop=True)
+        for c in base.columns:
+            if c not in keys:
+                j[c] = base[c].to_numpy()
+    else:
+        j = j.merge(base, on=keys, how="left")
     bad = (j["base_hi"].isna().to_numpy()) | (
         j["rng_counter_before_hi"].to_numpy().astype(np.uint64) != j["base_hi"].fillna(0).to_numpy().astype(np.uint64)
     ) | (j["rng_counter_before_lo"].to_numpy().astype(np.uint64) != j["base_lo"].fillna(0).to_numpy().astype(np.uint64))
@@ -951,7 +1138,7 @@ def check_s2_corridors(nb_final: pd.DataFrame, policy: dict, fails: Failures, co
     if len(nb_final) == 0 or not {"mu", "dispersion_k", "nb_rejections"} <= set(nb_final.columns):
         fails.add("corridor_breach", "ERR_S2_CORRIDOR_EMPTY: no nb_final population for the S2 corridors", [])
         return None
-    nb = nb_final.drop_duplicates(subset=["merchant_id"], keep=False).sort_values("merchant_id", kind="stable")
+    nb = _sorted_frame(nb_final.drop_duplicates(subset=["merchant_id"], keep=False), ["merchant_id"])
     mu = nb["mu"].to_numpy(dtype=np.float64)
     phi = nb["dispersion_k"].to_numpy(dtype=np.float64)
     r = nb["nb_rejections"].to_numpy().astype(np.int64)
@@ -983,15 +1170,17 @@ def check_s3(cand: pd.DataFrame, n_by_merchant: pd.DataFrame, home_by_merchant: 
             fails.add("E_S3_HOME_NOT_ZERO", "s3_candidate_set is empty but multi-site merchants exist", [],
                       count=len(n_by_merchant))
         return
-    c = cand.sort_values(["merchant_id", "candidate_rank", "country_iso"], kind="stable").reset_index(drop=True)
-    c["_pos"] = c.groupby("merchant_id", sort=False).cumcount().to_numpy()
+    c = _sorted_frame(cand, ["merchant_id", "candidate_rank", "country_iso"]).reset_index(drop=True)
+    mid = c["merchant_id"].to_numpy()
+    c["_pos"] = (_cumcount_sorted([mid]) if mid.dtype.kind in "ui" else
+                 c.groupby("merchant_id", sort=False).cumcount().to_numpy())
     bad = c["candidate_rank"].to_numpy().astype(np.int64) != c["_pos"].to_numpy()
     fails.frame("E_S3_RANK_GAPS", "s3_candidate_set: candidate_rank not contiguous 0..|C|-1 per merchant",
                 c.loc[bad, ["merchant_id", "country_iso", "candidate_rank"]], dataset_id="s3_candidate_set")
     is_home = c["is_home"].to_numpy().astype(bool)
     homes = c[is_home]
     nh = homes.groupby("merchant_id").size()
-    per = pd.DataFrame({"merchant_id": np.unique(c["merchant_id"].to_numpy().astype(np.uint64))})
+    per = pd.DataFrame({"merchant_id": _uniq(c["merchant_id"].to_numpy().astype(np.uint64))})
     per["n_home"] = per["merchant_id"].map(nh).fillna(0).astype(np.int64).to_numpy()
     fails.frame("E_S3_HOME_NOT_ZERO", "s3_candidate_set: merchant needs exactly one is_home row",
                 per[per["n_home"].to_numpy() != 1], dataset_id="s3_candidate_set")
@@ -1004,7 +1193,7 @@ def check_s3(cand: pd.DataFrame, n_by_merchant: pd.DataFrame, home_by_merchant: 
         fails.frame("E_S3_HOME_NOT_ZERO", "s3_candidate_set: home row country != merchant home_country_iso", j[bad],
                     dataset_id="s3_candidate_set")
     need = n_by_merchant["merchant_id"].to_numpy().astype(np.uint64)
-    missing = np.setdiff1d(need, per["merchant_id"].to_numpy())
+    missing = _setdiff(need, per["merchant_id"].to_numpy())
     if len(missing):
         fails.add("E_S3_HOME_NOT_ZERO", "merchants with nb_final but no s3_candidate_set rows",
                   [{"merchant_id": m} for m in missing[:MAX_ROWS]], count=len(missing), dataset_id="s3_candidate_set",
@@ -1012,7 +1201,7 @@ def check_s3(cand: pd.DataFrame, n_by_merchant: pd.DataFrame, home_by_merchant: 
     # S3 here does not depend on N (its rule runs beside S1/S2), so single-site merchants may carry a candidate
     # set too (unused downstream: S4-S8 are scoped by hurdle/nb_final); merchants outside the run's universe may not
     if universe is not None:
-        extra = np.setdiff1d(per["merchant_id"].to_numpy(), np.asarray(universe, dtype=np.uint64))
+        extra = _setdiff(per["merchant_id"].to_numpy(), np.asarray(universe, dtype=np.uint64))
         if len(extra):
             fails.add("E_S3_HOME_NOT_ZERO", "s3_candidate_set rows for merchants outside the run's merchant universe",
                       [{"merchant_id": m} for m in extra[:MAX_ROWS]], count=len(extra), dataset_id="s3_candidate_set",
@@ -1028,7 +1217,7 @@ def check_s3(cand: pd.DataFrame, n_by_merchant: pd.DataFrame, home_by_merchant: 
         fails.frame("E_S3_RANK_GAPS", "s3_integerised_counts: country outside the candidate set",
                     k[k["_merge"].to_numpy() == "left_only"].drop(columns="_merge"), dataset_id="s3_integerised_counts")
     if seq is not None and len(seq):
-        sq = seq.sort_values(["merchant_id", "country_iso", "site_order"], kind="stable").reset_index(drop=True)
+        sq = _sorted_frame(seq, ["merchant_id", "country_iso", "site_order"]).reset_index(drop=True)
         pos = sq.groupby(["merchant_id", "country_iso"], sort=False).cumcount().to_numpy() + 1
         bad = sq["site_order"].to_numpy().astype(np.int64) != pos
         fails.frame("E_S8_SEQUENCE_GAP", "s3_site_sequence: site_order not contiguous 1..n",
@@ -1052,17 +1241,17 @@ def check_s4(ztp_poisson: pd.DataFrame, rejections: pd.DataFrame, exhausted: pd.
     exh = exhausted if len(exhausted) else pd.DataFrame({"merchant_id": np.zeros(0, np.uint64)})
     dup = fin[fin.duplicated(subset=["merchant_id"], keep=False)]
     fails.frame("E_S4_FINAL_CARDINALITY", "more than one ztp_final for a merchant", _envelope_rows(dup, ["K_target"]))
-    have = np.unique(fin["merchant_id"].to_numpy().astype(np.uint64))
-    aborted = np.unique(exh["merchant_id"].to_numpy().astype(np.uint64)) if len(exh) else np.zeros(0, np.uint64)
-    missing = np.setdiff1d(np.setdiff1d(in_scope, have), aborted if exhaustion_policy == "abort" else np.zeros(0, np.uint64))
+    have = _uniq(fin["merchant_id"].to_numpy().astype(np.uint64))
+    aborted = _uniq(exh["merchant_id"].to_numpy().astype(np.uint64)) if len(exh) else np.zeros(0, np.uint64)
+    missing = _setdiff(_setdiff(in_scope, have), aborted if exhaustion_policy == "abort" else np.zeros(0, np.uint64))
     if len(missing):
         fails.add("E_S4_FINAL_CARDINALITY", "in-scope (multi-site, eligible) merchants without a ztp_final",
                   [{"merchant_id": m} for m in missing[:MAX_ROWS]], count=len(missing), merchants=missing)
-    extra = np.setdiff1d(have, in_scope)
+    extra = _setdiff(have, in_scope)
     if len(extra):
         fails.add("E_S4_FINAL_CARDINALITY", "ztp_final for a merchant outside S4 scope",
                   [{"merchant_id": m} for m in extra[:MAX_ROWS]], count=len(extra), merchants=extra)
-    both = np.intersect1d(have, aborted)
+    both = _intersect(have, aborted)
     f1 = fin.drop_duplicates(subset=["merchant_id"], keep=False)
     p = _attempt_index(ztp_poisson)
     if len(p):
@@ -1127,7 +1316,7 @@ def check_s4(ztp_poisson: pd.DataFrame, rejections: pd.DataFrame, exhausted: pd.
         allzero = p.assign(_nz=(p["k"].to_numpy() != 0).astype(np.int64)).groupby("merchant_id").agg(
             n=("k", "size"), nz=("_nz", "sum"))
         capped = allzero[(allzero["n"] == max_attempts) & (allzero["nz"] == 0)].index.to_numpy().astype(np.uint64)
-        mism = np.setxor1d(capped, aborted)
+        mism = _setxor(capped, aborted)
         if len(mism):
             fails.add("E_S4_POLICY_VIOLATION", "ztp_retry_exhausted must be written exactly when MAX_ZTP_ZERO_ATTEMPTS "
                       "zeros occurred (decision 18)", [{"merchant_id": m} for m in mism[:MAX_ROWS]], count=len(mism),
@@ -1164,6 +1353,7 @@ def check_s6(gumbel: pd.DataFrame, k_target: pd.DataFrame, cand: pd.DataFrame, f
         dup = g[g.duplicated(subset=["merchant_id", "country_iso"], keep=False)]
         fails.frame("E_DUP_PK", "gumbel_key: more than one event per (merchant, country)", _envelope_rows(dup),
                     dataset_id="rng_event_gumbel_key")
+        cand = _restrict(cand, g, *(() if membership is None else (membership,)))
         foreign = cand.loc[~cand["is_home"].to_numpy().astype(bool), ["merchant_id", "country_iso"]]
         j = g[["merchant_id", "country_iso"]].merge(foreign, how="left", indicator=True)
         fails.frame("E_S6_MEMBERSHIP_MISMATCH", "gumbel_key candidate is not an S3 foreign candidate of the merchant",
@@ -1188,8 +1378,8 @@ def check_s6(gumbel: pd.DataFrame, k_target: pd.DataFrame, cand: pd.DataFrame, f
         gg = gg.merge(cand[["merchant_id", "country_iso", "candidate_rank"]], how="left", on=["merchant_id", "country_iso"])
         gg["_rank"] = gg["candidate_rank"].fillna(1 << 30).astype(np.int64)
         gg["_elig"] = gg["_w"].to_numpy() > 0.0
-        gg = gg.sort_values(["merchant_id", "_elig", "_key", "_rank", "country_iso"],
-                            ascending=[True, False, False, True, True], kind="stable").reset_index(drop=True)
+        gg = _sorted_frame(gg, ["merchant_id", "_elig", "_key", "_rank", "country_iso"],
+                           [True, False, False, True, True]).reset_index(drop=True)
         gg["_pos"] = gg.groupby("merchant_id", sort=False).cumcount().to_numpy() + 1
         per = gg.groupby("merchant_id", sort=True).agg(n_sel=("selected", "sum"), n_elig=("_elig", "sum"))
         per["K_target"] = per.index.map(kt).fillna(0).astype(np.int64)
@@ -1228,7 +1418,8 @@ def check_s6(gumbel: pd.DataFrame, k_target: pd.DataFrame, cand: pd.DataFrame, f
         fails.frame("E_S6_MEMBERSHIP_MISMATCH", "s6_membership != gumbel_key selected=true events",
                     j[j["_merge"].to_numpy() != "both"].rename(columns={"_merge": "side"}).astype({"side": str}),
                     dataset_id="s6_membership")
-        foreign = cand.loc[~cand["is_home"].to_numpy().astype(bool), ["merchant_id", "country_iso"]]
+        foreign = _restrict(cand, mem)
+        foreign = foreign.loc[~foreign["is_home"].to_numpy().astype(bool), ["merchant_id", "country_iso"]]
         k = mem.merge(foreign, how="left", indicator=True)
         fails.frame("E_S6_MEMBERSHIP_MISMATCH", "s6_membership country is not an S3 foreign candidate",
                     k[k["_merge"].to_numpy() == "left_only"].drop(columns="_merge"), dataset_id="s6_membership")
@@ -1267,10 +1458,17 @@ def check_catalogue(cat: pd.DataFrame, fails: Failures) -> pd.DataFrame:
     d = cat.copy()
     d["legal_country_iso"] = c
     d["merchant_id"] = m
-    d = d.sort_values(["merchant_id", "legal_country_iso", "site_order"], kind="stable").reset_index(drop=True)
-    grp = d.groupby(["merchant_id", "legal_country_iso"], sort=False)
-    d["_pos"] = grp.cumcount().to_numpy() + 1
-    d["_n"] = grp["site_order"].transform("size").to_numpy()
+    d = _sorted_frame(d, ["merchant_id", "legal_country_iso", "site_order"]).reset_index(drop=True)
+    ck = _order_key(d["legal_country_iso"])
+    if ck is not None:  # sorted: blocks are contiguous runs of (merchant_id, legal_country_iso)
+        pos = _cumcount_sorted([d["merchant_id"].to_numpy(), ck])
+        size = np.diff(np.append(np.flatnonzero(pos == 0), len(d)))
+        d["_pos"] = pos + 1
+        d["_n"] = np.repeat(size, size)
+    else:
+        grp = d.groupby(["merchant_id", "legal_country_iso"], sort=False)
+        d["_pos"] = grp.cumcount().to_numpy() + 1
+        d["_n"] = grp["site_order"].transform("size").to_numpy()
     so = d["site_order"].to_numpy().astype(np.int64)
     bad = so != d["_pos"].to_numpy()
     bad |= d["final_country_outlet_count"].to_numpy().astype(np.int64) != d["_n"].to_numpy()
@@ -1334,7 +1532,7 @@ def check_conservation(blocks: pd.DataFrame, multi: pd.DataFrame, n_by_merchant:
                     dataset_id="outlet_catalogue")
     # single-site merchants without a row
     singles_all = multi.loc[~multi["is_multi"].to_numpy().astype(bool), "merchant_id"].to_numpy().astype(np.uint64)
-    miss = np.setdiff1d(singles_all, per["merchant_id"].to_numpy())
+    miss = _setdiff(singles_all, per["merchant_id"].to_numpy())
     if len(miss):
         fails.add("E_SUM_MISMATCH", "single-site merchants missing from outlet_catalogue (decision 6)",
                   [{"merchant_id": x} for x in miss[:MAX_ROWS]], count=len(miss), dataset_id="outlet_catalogue",
@@ -1348,9 +1546,9 @@ def check_conservation(blocks: pd.DataFrame, multi: pd.DataFrame, n_by_merchant:
         mr["raw"].to_numpy().astype(np.int64) != mr["n_outlets"].to_numpy().astype(np.int64))
     fails.frame("E_SUM_MISMATCH", "multi-site merchant: sum of country counts and raw_nb_outlet_draw must equal "
                 "nb_final.n_outlets", mr[bad][["merchant_id", "total", "raw", "n_outlets"]], dataset_id="outlet_catalogue")
-    absent = np.setdiff1d(n_by_merchant["merchant_id"].to_numpy().astype(np.uint64), per["merchant_id"].to_numpy())
+    absent = _setdiff(n_by_merchant["merchant_id"].to_numpy().astype(np.uint64), per["merchant_id"].to_numpy())
     if tolerated_absent is not None:
-        absent = np.setdiff1d(absent, np.asarray(tolerated_absent, dtype=np.uint64))
+        absent = _setdiff(absent, np.asarray(tolerated_absent, dtype=np.uint64))
     if len(absent):
         fails.add("E_SUM_MISMATCH", "multi-site merchants with nb_final missing from outlet_catalogue",
                   [{"merchant_id": x} for x in absent[:MAX_ROWS]], count=len(absent), dataset_id="outlet_catalogue",
@@ -1365,7 +1563,7 @@ def check_conservation(blocks: pd.DataFrame, multi: pd.DataFrame, n_by_merchant:
                     dataset_id="outlet_catalogue")
         mb = blocks.merge(j.loc[ism, ["merchant_id"]], on="merchant_id")
         x = mb[["merchant_id", "legal_country_iso"]].merge(
-            cand[["merchant_id", "country_iso"]].rename(columns={"country_iso": "legal_country_iso"}),
+            _restrict(cand, mb)[["merchant_id", "country_iso"]].rename(columns={"country_iso": "legal_country_iso"}),
             how="left", indicator=True)
         fails.frame("E_S7_PARITY", "outlet_catalogue country outside the merchant's S3 candidate set",
                     x[x["_merge"].to_numpy() == "left_only"].drop(columns="_merge"), dataset_id="outlet_catalogue")
@@ -1385,16 +1583,16 @@ def check_s7(blocks: pd.DataFrame, n_by_merchant: pd.DataFrame, k_target: pd.Dat
     kt_ids = k_target["merchant_id"].to_numpy().astype(np.uint64) if len(k_target) else np.zeros(0, np.uint64)
     # domain D per merchant with a ztp_final
     mem = membership[["merchant_id", "country_iso"]] if len(membership) else home.iloc[0:0]
-    dom = pd.concat([home[np.isin(home["merchant_id"].to_numpy().astype(np.uint64), kt_ids)], mem], ignore_index=True)
+    dom = pd.concat([home[_isin(home["merchant_id"].to_numpy().astype(np.uint64), kt_ids)], mem], ignore_index=True)
     dom = dom.drop_duplicates().reset_index(drop=True)
     # egress blocks ⊆ D (eligible) or == {home} (ineligible)
-    b = blocks[np.isin(blocks["merchant_id"].to_numpy().astype(np.uint64),
+    b = blocks[_isin(blocks["merchant_id"].to_numpy().astype(np.uint64),
                        multi_n["merchant_id"].to_numpy().astype(np.uint64))][["merchant_id", "legal_country_iso", "n"]]
-    be = b[np.isin(b["merchant_id"].to_numpy().astype(np.uint64), kt_ids)]
+    be = b[_isin(b["merchant_id"].to_numpy().astype(np.uint64), kt_ids)]
     x = be.rename(columns={"legal_country_iso": "country_iso"}).merge(dom, how="left", indicator=True)
     fails.frame("E_S7_PARITY", "egress country outside D = home ∪ S6 members", x[x["_merge"].to_numpy() == "left_only"]
                 .drop(columns="_merge"), dataset_id="outlet_catalogue")
-    bi = b[~np.isin(b["merchant_id"].to_numpy().astype(np.uint64), kt_ids)]
+    bi = b[~_isin(b["merchant_id"].to_numpy().astype(np.uint64), kt_ids)]
     y = bi.rename(columns={"legal_country_iso": "country_iso"}).merge(home, how="left", indicator=True)
     fails.frame("E_S7_PARITY", "merchant without ztp_final (ineligible) must be domestic-only {home: N}",
                 y[y["_merge"].to_numpy() == "left_only"].drop(columns="_merge"), dataset_id="outlet_catalogue")
@@ -1406,12 +1604,12 @@ def check_s7(blocks: pd.DataFrame, n_by_merchant: pd.DataFrame, k_target: pd.Dat
     rr = r.drop_duplicates(subset=["merchant_id", "country_iso"])[["merchant_id", "country_iso", "residual",
                                                                     "residual_rank"]]
     # merchants without ztp_final may carry a residual_rank for home only (S7 scope choice, ⚑18)
-    rin = rr[np.isin(rr["merchant_id"].to_numpy().astype(np.uint64), kt_ids)]
-    rout = rr[~np.isin(rr["merchant_id"].to_numpy().astype(np.uint64), kt_ids)]
+    rin = rr[_isin(rr["merchant_id"].to_numpy().astype(np.uint64), kt_ids)]
+    rout = rr[~_isin(rr["merchant_id"].to_numpy().astype(np.uint64), kt_ids)]
     z = rout.merge(home, how="left", indicator=True)
     fails.frame("E_S7_PARITY", "residual_rank for a merchant without ztp_final outside {home}",
                 z[z["_merge"].to_numpy() == "left_only"].drop(columns="_merge"))
-    dd = dom[~np.isin(dom["merchant_id"].to_numpy().astype(np.uint64),
+    dd = dom[~_isin(dom["merchant_id"].to_numpy().astype(np.uint64),
                       np.asarray(aborted if aborted is not None else [], dtype=np.uint64))]
     w = dd.merge(rin, how="outer", on=["merchant_id", "country_iso"], indicator=True)
     fails.frame("E_S7_PARITY", "residual_rank events must cover exactly D = home ∪ members (one per country)",
@@ -1422,8 +1620,7 @@ def check_s7(blocks: pd.DataFrame, n_by_merchant: pd.DataFrame, k_target: pd.Dat
         rk = rk.copy()
         rk["_res"] = pd.to_numeric(rk["residual"], errors="coerce").to_numpy(dtype=np.float64)
         rk["country_iso"] = rk["country_iso"].astype(str)
-        rk = rk.sort_values(["merchant_id", "_res", "country_iso"], ascending=[True, False, True],
-                            kind="stable").reset_index(drop=True)
+        rk = _sorted_frame(rk, ["merchant_id", "_res", "country_iso"], [True, False, True]).reset_index(drop=True)
         rk["_pos"] = rk.groupby("merchant_id", sort=False).cumcount().to_numpy() + 1
         bad = rk["residual_rank"].to_numpy().astype(np.int64) != rk["_pos"].to_numpy()
         fails.frame("E_S7_PARITY", "residual_rank must be 1..|D| in (residual desc, ISO asc) order",
@@ -1433,7 +1630,7 @@ def check_s7(blocks: pd.DataFrame, n_by_merchant: pd.DataFrame, k_target: pd.Dat
         a["count"] = a["count"].astype(np.int64)
         pos = a[a["count"].to_numpy() > 0]
         bb = blocks[["merchant_id", "legal_country_iso", "n"]].rename(columns={"legal_country_iso": "country_iso"})
-        bb = bb[np.isin(bb["merchant_id"].to_numpy().astype(np.uint64), a["merchant_id"].to_numpy().astype(np.uint64))]
+        bb = bb[_isin(bb["merchant_id"].to_numpy().astype(np.uint64), a["merchant_id"].to_numpy().astype(np.uint64))]
         m = pos.merge(bb, how="outer", on=["merchant_id", "country_iso"], indicator=True)
         bad = (m["_merge"].to_numpy() != "both") | (m["count"].fillna(-1).to_numpy() != m["n"].fillna(-2).to_numpy())
         fails.frame("E_S7_PARITY", "s7_integer_allocation counts != outlet_catalogue block sizes (count 0 => no rows)",
@@ -1463,7 +1660,7 @@ def check_s8_events(blocks: pd.DataFrame, finalize: pd.DataFrame, overflow: pd.D
                                                       "site_count": np.zeros(0, np.int64)})
     b = blocks[["merchant_id", "legal_country_iso", "n"]].rename(columns={"legal_country_iso": "country_iso"})
     if multi_ids is not None:
-        b = b[np.isin(b["merchant_id"].to_numpy().astype(np.uint64), np.asarray(multi_ids, dtype=np.uint64))]
+        b = b[_isin(b["merchant_id"].to_numpy().astype(np.uint64), np.asarray(multi_ids, dtype=np.uint64))]
     cnt = fz.groupby(["merchant_id", "country_iso"], sort=True).size().rename("n_fin").reset_index()
     m = b.merge(cnt, how="outer", on=["merchant_id", "country_iso"])
     bad = m["n_fin"].fillna(0).to_numpy() != 1
@@ -1482,8 +1679,8 @@ def check_s8_events(blocks: pd.DataFrame, finalize: pd.DataFrame, overflow: pd.D
                                             "n") if c in k.columns]])
     if overflow is None or len(overflow) == 0:
         return np.zeros(0, np.uint64)
-    ov = np.unique(overflow["merchant_id"].to_numpy().astype(np.uint64))
-    rows = blocks[np.isin(blocks["merchant_id"].to_numpy().astype(np.uint64), ov)]
+    ov = _uniq(overflow["merchant_id"].to_numpy().astype(np.uint64))
+    rows = blocks[_isin(blocks["merchant_id"].to_numpy().astype(np.uint64), ov)]
     fails.frame("E_OVERFLOW_POLICY_BREACH", "site_sequence_overflow merchant still has outlet_catalogue rows", rows,
                 dataset_id="outlet_catalogue")
     return ov
@@ -1505,7 +1702,7 @@ def check_fk_iso(df: pd.DataFrame, iso: set[str], dataset_id: str, fails: Failur
             continue
         nn = ~_is_null_series(df[col])
         vals = np.where(nn, df[col].to_numpy(), "").astype("U")  # fixed-width unicode: np.isin sorts fast
-        bad = nn & ~np.isin(vals, np.asarray(sorted(iso), dtype="U"))
+        bad = nn & ~_isin(vals, np.asarray(sorted(iso), dtype="U"))
         cols = [c for c in ("merchant_id", col) if c in df.columns]
         fails.frame("E_FK_ISO_INVALID", f"{dataset_id}.{col} not in the ISO table", df.loc[bad, cols], dataset_id=dataset_id)
 
@@ -1531,15 +1728,48 @@ def check_embed(df: pd.DataFrame, tokens: dict[str, str], dataset_id: str, fails
 # ==================================================================================================
 
 
+# ---------------------------------------------------------------------------- streaming load + structural
+#
+# At 10^6 merchants S9 held every dataset and event family twice (Arrow + pandas) plus the trace, and
+# rnglog.reconcile then re-read every log: ~7.5 GB peak. Now each dataset is read once, checked structurally
+# in Arrow and cut down to the columns the replay checks below read; each event family is read once, checked
+# (schema, envelope, rnglog's per-event and chain checks) and cut down the same way; the trace is checked from
+# Arrow arrays. The fast paths only ever conclude "clean": whatever they cannot show clean is re-done by the
+# original pandas code on the full data, so failures (codes, details, rows, order) are those of the plain code.
+
+# columns of each dataset's frame that the checks after the structural ones read (a dataset not listed keeps
+# every column)
+FRAME_COLUMNS: dict[str, tuple[str, ...]] = {
+    "hurdle_design_matrix": ("merchant_id", "home_country_iso"),
+    "hurdle_pi_probs": ("merchant_id", "pi"),
+    "crossborder_eligibility_flags": ("merchant_id", "is_eligible"),
+    "crossborder_features": (),
+    "merchant_abort_log": (),
+    "s3_candidate_set": ("merchant_id", "country_iso", "candidate_rank", "is_home"),
+    "ccy_country_weights_cache": (),
+    "merchant_currency": (),
+    "sparse_flag": (),
+    "s6_membership": ("merchant_id", "country_iso"),
+    "s7_integer_allocation": ("merchant_id", "country_iso", "count", "residual_rank"),
+    "outlet_catalogue": ("merchant_id", "site_id", "home_country_iso", "legal_country_iso", "single_vs_multi_flag",
+                         "raw_nb_outlet_draw", "final_country_outlet_count", "site_order"),
+}
+FK_COLUMNS = ("country_iso", "legal_country_iso", "home_country_iso")
+# envelope tokens of an event row: compared with the run's in Arrow, not carried into the kept frame
+EVENT_TOKEN_COLUMNS = ("seed", "parameter_hash", "run_id", "manifest_fingerprint")
+# event string columns with a handful of distinct values: dictionary-encoded for the schema check
+EVENT_DICT_COLUMNS = ("module", "substream_label", "parameter_hash", "manifest_fingerprint", "run_id", "context")
+# check groups advanced on the progress line (log only)
+PROGRESS_STEPS = ("datasets", "rng_trace", "rng_events", "reconcile", "s1", "s2", "s3", "s4", "s6", "s7_s8",
+                  "lineage", "bundle")
+
+
 @dataclass
 class _Loaded:
-    tables: dict[str, pa.Table | None] = field(default_factory=dict)
     files: dict[str, list[Path]] = field(default_factory=dict)
     dirs: dict[str, Path] = field(default_factory=dict)
     docs: dict[str, Any] = field(default_factory=dict)
     events: dict[str, pd.DataFrame] = field(default_factory=dict)
-    event_tables: dict[str, pa.Table] = field(default_factory=dict)
-    trace: pd.DataFrame = field(default_factory=pd.DataFrame)
     audit: list[dict] = field(default_factory=list)
 
 
@@ -1573,6 +1803,631 @@ def _read_parts(parts: list[Path]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
+def _is_str(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _read_parts_dict(parts: list[Path], keep: set[str]) -> pa.Table:
+    """``_read_parts`` with every string / list<string> column outside ``keep`` read dictionary-encoded: the
+    64-hex lineage columns of s3_candidate_set alone are ~1 GB (and 2 s of regex) as plain strings at 10^6
+    merchants; as dictionaries they are one value per row group."""
+    import pyarrow.parquet as pq
+
+    tables = []
+    for p in parts:
+        pf = pq.ParquetFile(p)
+        leaves = [pf.schema.column(i) for i in range(len(pf.schema))]
+        paths, nested = [], False
+        for f in pf.schema_arrow:
+            if f.name in keep:
+                continue
+            if _is_str(f.type) and any(c.path == f.name for c in leaves):
+                paths.append(f.name)
+            elif _is_list(f.type) and _is_str(f.type.value_type):
+                sub = [c.path for c in leaves if c.path.startswith(f.name + ".")]
+                if len(sub) == 1:
+                    paths.append(sub[0])
+                    nested = True
+        if not paths:
+            tables.append(pf.read())
+            continue
+        pf = pq.ParquetFile(p, read_dictionary=paths)
+        if nested and pf.num_row_groups > 1:  # Arrow cannot return nested dictionaries as one chunked read
+            tables.append(pa.concat_tables([pf.read_row_group(i) for i in range(pf.num_row_groups)]))
+        else:
+            tables.append(pf.read())
+    if len(tables) > 1 and any(t.schema != tables[0].schema for t in tables[1:]):
+        raise ValueError("parts differ in schema")  # the plain reader decides (promotion or failure)
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+class _Plain:
+    """A dataset as the plain reader gives it (Arrow table, full pandas frame), built only when a fast
+    structural check cannot show the dictionary-read table clean."""
+
+    def __init__(self, parts: list[Path]):
+        self.parts = parts
+        self._t: pa.Table | None = None
+        self._df: pd.DataFrame | None = None
+
+    def table(self) -> pa.Table:
+        if self._t is None:
+            self._t = _read_parts(self.parts)
+        return self._t
+
+    def frame(self) -> pd.DataFrame:
+        if self._df is None:
+            self._df = _frame(self.table())
+        return self._df
+
+
+def _norm_type(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_large_string(t):
+        return pa.string()
+    if _is_list(t):
+        return pa.list_(_norm_type(t.value_type))
+    return t
+
+
+def _dict_values(chunks: Iterable[pa.Array], value_type: pa.DataType) -> pa.Array:
+    vals = [c.dictionary for c in chunks]
+    return pa.concat_arrays(vals) if vals else pa.array([], value_type)
+
+
+def _schema_clean(t: pa.Table, schema: dict) -> bool | None:
+    """True when ``schema.validate_table`` certainly finds nothing in ``t`` once its dictionary columns are
+    decoded: plain columns are validated as they are, a dictionary column through its distinct values (every
+    value a row can hold). False: not shown clean (the caller validates the plain table). None: no
+    dictionary column (validate ``t`` itself)."""
+    from engine.core import schema as schema_mod
+
+    names = t.column_names
+    dcols = [c for c in names if pa.types.is_dictionary(t.schema.field(c).type) or (
+        _is_list(t.schema.field(c).type) and pa.types.is_dictionary(t.schema.field(c).type.value_type))]
+    if not dcols:
+        return None
+    props = schema.get("properties") or {}
+    if len(set(names)) != len(names) or any(c not in props for c in dcols):
+        return False
+    sub = dict(schema)
+    sub["properties"] = {k: v for k, v in props.items() if k not in dcols}
+    sub["required"] = [r for r in schema.get("required") or [] if r not in dcols]
+    if schema_mod.validate_table(t.drop_columns(dcols), sub):
+        return False
+    for c in dcols:
+        col, prop = t[c], props[c]
+        try:
+            want = schema_mod.arrow_type(prop)
+        except EngineError:
+            return False
+        if col.null_count:
+            return False
+        one = {"type": "object", "additionalProperties": False, "required": []}
+        if pa.types.is_dictionary(col.type):
+            if _norm_type(col.type.value_type) != _norm_type(want):
+                return False
+            vals = _dict_values(col.chunks, col.type.value_type)
+            if schema_mod.validate_table(pa.table({c: vals}), {**one, "properties": {c: prop}}):
+                return False
+            continue
+        # list<dictionary<string>>
+        if not _is_list(want) or _norm_type(col.type.value_type.value_type) != _norm_type(want.value_type):
+            return False
+        if "enum" in prop or "const" in prop:
+            return False
+        lengths = pc.list_value_length(col)
+        lo, hi = pc.min(lengths).as_py(), pc.max(lengths).as_py()
+        if lo is not None and (("minItems" in prop and lo < prop["minItems"]) or
+                               ("maxItems" in prop and hi > prop["maxItems"])):
+            return False
+        items = prop.get("items") or {}
+        if items:
+            inner = [ch.values for ch in col.chunks]
+            if any(x.null_count for x in inner):
+                return False
+            vals = _dict_values(inner, col.type.value_type.value_type)
+            iprop = {**items, "x-arrow": "string"}  # the item type itself was compared just above
+            if schema_mod.validate_table(pa.table({c: vals}), {**one, "properties": {c: iprop}}):
+                return False
+    return True
+
+
+def _validate_dataset(t: pa.Table, sp: Path, plain: _Plain) -> list[str]:
+    """schema.validate_table of the dataset as the plain reader gives it."""
+    from engine.core import schema as schema_mod
+
+    clean = _schema_clean(t, schema_mod.load_schema(sp))
+    if clean:
+        return []
+    return schema_mod.validate_table(t if clean is None else plain.table(), sp)
+
+
+def _all_equal(col: pa.ChunkedArray, want: str) -> bool:
+    """Every row of ``col`` (no nulls) reads as the decimal / string ``want`` (check_embed's str(v) == want)."""
+    if col.null_count:
+        return False
+    t = col.type
+    if pa.types.is_dictionary(t):
+        if not _is_str(t.value_type):
+            return False
+        return all(bool(pc.all(pc.equal(ch.dictionary, want)).as_py()) for ch in col.chunks if len(ch))
+    if pa.types.is_integer(t):
+        col = pc.cast(col, pa.string())
+    elif not _is_str(t):
+        return False
+    return len(col) == 0 or bool(pc.all(pc.equal(col, want)).as_py())
+
+
+def _embed_clean(t: pa.Table, tokens: dict[str, str]) -> bool:
+    """check_embed would report nothing."""
+    if t.num_rows == 0:
+        return True
+    return all(_all_equal(t[col], str(want)) for tok, want in tokens.items() for col in EMBED_COLUMNS.get(tok, ())
+               if col in t.column_names)
+
+
+def _key_array(col: pa.ChunkedArray) -> np.ndarray | None:
+    """Integers whose equality is the column's value equality (no nulls), else None."""
+    if col.null_count:
+        return None
+    if pa.types.is_integer(col.type):
+        return np.asarray(col.to_numpy())
+    if pa.types.is_boolean(col.type):
+        return np.asarray(col.to_numpy(), dtype=np.uint8)
+    if _is_str(col.type):
+        return np.asarray(pc.dictionary_encode(col.combine_chunks()).indices.to_numpy())
+    return None
+
+
+def _pk_unique(t: pa.Table, pk: list[str]) -> bool:
+    """No two rows share the primary key (check_pk would report nothing)."""
+    n = t.num_rows
+    if n < 2:
+        return True
+    keys = [_key_array(t[c]) for c in pk]
+    if any(k is None for k in keys):
+        return False
+    first = keys[0]
+    packed = None
+    if len(keys) == 1 and first.dtype.kind in "ui":
+        packed = first
+    elif bool((first[1:] >= first[:-1]).all()):  # writer-sorted by its first key: pack (run, rest...) in int64
+        packed = np.zeros(n, dtype=np.int64)
+        packed[1:] = np.cumsum(first[1:] != first[:-1])
+        cap = n
+        for k in keys[1:]:
+            if k.dtype == np.uint64 and len(k) and int(k.max()) >= 1 << 62:
+                packed = None
+                break
+            k = k.astype(np.int64)
+            lo, span = int(k.min()), int(k.max()) - int(k.min()) + 1
+            if cap * span >= 1 << 62:
+                packed = None
+                break
+            packed = packed * span + (k - lo)
+            cap *= span
+    if packed is not None:
+        s = np.sort(packed, kind="stable")  # timsort: runs of a writer-sorted key are nearly sorted already
+        return not bool((s[1:] == s[:-1]).any())
+    order = np.lexsort(keys[::-1])
+    same = np.ones(n - 1, dtype=bool)
+    for k in keys:
+        ks = k[order]
+        same &= ks[1:] == ks[:-1]
+    return not bool(same.any())
+
+
+def _fk_clean(t: pa.Table, iso: set[str]) -> bool:
+    """Every non-null ISO column value is in the ISO table (check_fk_iso would report nothing)."""
+    if t.num_rows == 0:
+        return True
+    vs = pa.array(sorted(iso), pa.string())
+    for col in FK_COLUMNS:
+        if col not in t.column_names:
+            continue
+        c = t[col]
+        if not _is_str(c.type):
+            return False
+        if bool(pc.any(pc.and_(pc.is_valid(c), pc.invert(pc.is_in(c, value_set=vs)))).as_py()):
+            return False
+    return True
+
+
+def _datasets(ctx, L: _Loaded, fl: Failures, fs: Failures, iso: set[str] | None) -> dict[str, pd.DataFrame]:
+    """Load (``fl``: what the loader reports) and structural checks (``fs``: schema, path<->embed, partition
+    tokens, PK, ISO FK; 1A-S5-S9 §6.2) of every parquet dataset, one at a time; returns the kept frames."""
+    from engine.core import dictionary as dict_mod
+    from engine.core import schema as schema_mod
+
+    ids = ctx.ids
+    D = _dictionary(ctx.config)
+    opts = _options(ctx)
+    required = set(ALWAYS_REQUIRED) | {ds for opt, ds in OPTION_REQUIRED.items() if opts.get(opt)}
+    tok = {"seed": str(ids.seed), "parameter_hash": ids.parameter_hash, "manifest_fingerprint": ids.manifest_fingerprint,
+           "run_id": ids.run_id}
+    frames: dict[str, pd.DataFrame] = {}
+    for ds in PARQUET_DATASETS:
+        if ds not in D:
+            if ds in required:
+                fl.add("E_PARTITION_MISPLACED", f"{ds}: not in the 1A dataset dictionary", [ds], dataset_id=ds)
+            continue
+        d = ctx.path(ds)
+        L.dirs[ds] = d
+        entry = D.entry(ds)
+        parts, stray = _part_files(d, entry.files)
+        if stray:
+            fl.add("E_PARTITION_MISPLACED", f"{ds}: unexpected files in the partition (only part-NNNNN.parquet "
+                   "and the dictionary's fixed files)", [p.name for p in stray], dataset_id=ds)
+        if not parts:
+            if ds in required:
+                fl.add("E_PARTITION_MISPLACED", f"{ds}: required partition missing or empty at its dictionary "
+                       "path", [_rel(ctx, d)], dataset_id=ds)
+            continue
+        try:
+            sp = D.schema_path(ds)
+        except EngineError:
+            sp = None
+        if sp is not None and not sp.is_file():
+            sp = None
+        cols = FRAME_COLUMNS.get(ds)
+        plain = _Plain(parts)
+        try:
+            if cols is None:
+                t = plain.table()
+            else:
+                try:  # primary-key columns stay plain too (a broken schema file is reported below, not here)
+                    pk = list(schema_mod.load_schema(sp).get("x-primary-key") or []) if sp is not None else []
+                    t = _read_parts_dict(parts, set(cols) | set(pk) | set(FK_COLUMNS) | {"merchant_id"})
+                except Exception:  # noqa: BLE001 - the plain reader reads it or reports why not
+                    t = plain.table()
+            L.files[ds] = parts
+        except Exception as e:  # noqa: BLE001 - unreadable parquet is a schema failure, not a crash
+            fl.add("E_SCHEMA_INVALID", f"{ds}: unreadable parquet ({type(e).__name__}: {e})",
+                   [_rel(ctx, p) for p in parts], dataset_id=ds)
+            continue
+        # ---- structural checks
+        pk = []
+        if sp is not None:
+            probs = _validate_dataset(t, sp, plain)
+            if probs:
+                fs.add("E_SCHEMA_INVALID", f"{ds}: rows/columns violate {sp.name}", probs, dataset_id=ds)
+            pk = list(schema_mod.load_schema(sp).get("x-primary-key") or [])
+        else:
+            fs.add("E_SCHEMA_INVALID", f"{ds}: schema file missing ({entry.schema_ref})", [str(entry.schema_ref)],
+                   dataset_id=ds)
+        # tokens carried by the actual path must be this run's, and exactly the dictionary's partitioning
+        ptok = dict_mod.parse_tokens(_rel(ctx, L.dirs[ds]))
+        for k, v in ptok.items():
+            if k in tok and str(v) != tok[k]:
+                fs.add("E_PARTITION_MISPLACED", f"{ds}: path token {k}={v} is not this run's", [str(v)],
+                       dataset_id=ds)
+        if set(ptok) & set(tok) != set(entry.partitioning):
+            fs.add("E_PARTITION_MISPLACED", f"{ds}: path tokens {sorted(ptok)} != dictionary partitioning "
+                   f"{list(entry.partitioning)}", [_rel(ctx, L.dirs[ds])], dataset_id=ds)
+        if ds == "outlet_catalogue" and set(entry.partitioning) != {"seed", "manifest_fingerprint"}:
+            fs.add("E_PARTITION_MISPLACED", "outlet_catalogue must be partitioned by seed and fingerprint only "
+                   "(run_id never on egress)", [list(entry.partitioning)], dataset_id=ds)
+        embed = {k: v for k, v in ptok.items() if k in tok}
+        if not _embed_clean(t, embed):
+            check_embed(plain.frame(), embed, ds, fs)
+        if pk and t.num_rows and set(pk) <= set(t.column_names) - {"ts_utc"} and not _pk_unique(t, pk):
+            check_pk(plain.frame(), pk, ds, fs)
+        if iso is not None and not _fk_clean(t, iso):
+            check_fk_iso(plain.frame(), iso, ds, fs)
+        frames[ds] = _frame(t, cols)
+        del t, plain
+    return frames
+
+
+def _json_docs(ctx, L: _Loaded, fl: Failures, fs: Failures) -> None:
+    """The JSON receipts: load (``fl``) and their schema / embedded identities (``fs``)."""
+    from engine.core import schema as schema_mod
+
+    ids = ctx.ids
+    D = _dictionary(ctx.config)
+    for ds in JSON_DATASETS:
+        L.docs[ds] = None
+        if ds not in D:
+            continue
+        e = D.entry(ds)
+        folder = ctx.path(ds)
+        L.dirs[ds] = folder
+        main = folder / e.files[0] if e.is_dir and e.files else folder
+        if not main.is_file():
+            continue
+        try:
+            L.docs[ds] = json.loads(main.read_bytes())
+        except (OSError, ValueError) as exc:
+            fl.add("E_SCHEMA_INVALID", f"{ds}: unreadable JSON ({exc})", [_rel(ctx, main)], dataset_id=ds)
+    for ds in JSON_DATASETS:
+        doc = L.docs.get(ds)
+        if doc is None:
+            if ds != "s6_receipt":  # the S6 receipt is checked where the membership surface is used
+                fs.add("E_PARTITION_MISPLACED", f"{ds}: missing at its dictionary path",
+                       [_rel(ctx, L.dirs[ds]) if ds in L.dirs else ds], dataset_id=ds)
+            continue
+        try:
+            sp = D.schema_path(ds)
+        except EngineError:
+            sp = None
+        if sp is not None and sp.is_file():
+            # the schema describes one record; a list document (sealed inputs) is a list of such records
+            recs = doc if isinstance(doc, list) else [doc]
+            probs = [f"[{i}] {p}" if isinstance(doc, list) else p
+                     for i, r in enumerate(recs) for p in schema_mod.validate_record(r, sp)]
+            if probs:
+                fs.add("E_SCHEMA_INVALID", f"{ds}: record violates {sp.name}", probs, dataset_id=ds)
+        if isinstance(doc, dict):
+            for k, want in (("manifest_fingerprint", ids.manifest_fingerprint), ("parameter_hash", ids.parameter_hash),
+                            ("seed", str(ids.seed)), ("run_id", ids.run_id)):
+                if k in doc and str(doc[k]) != want:
+                    fs.add("E_PATH_EMBED_MISMATCH", f"{ds}: {k} != {want}", [doc[k]], dataset_id=ds)
+
+
+def _validate_event_fast(table: pa.Table, schema: dict) -> list[str]:
+    """validate_event_table, with the constant envelope strings dictionary-encoded first (their per-row regex
+    was ~1 s per 10^6 events); anything not shown clean is validated on the plain table."""
+    enc = table
+    for c in EVENT_DICT_COLUMNS:
+        if c in enc.column_names and _is_str(enc.schema.field(c).type):
+            enc = enc.set_column(enc.column_names.index(c), c, pc.dictionary_encode(enc[c]))
+    if enc is not table and not validate_event_table(enc, schema, clean_only=True):
+        return []
+    return validate_event_table(table, schema)
+
+
+def _tokens_clean(t: pa.Table, tok: dict[str, str]) -> bool:
+    """The envelope-token part of check_rng_envelopes would report nothing for this family."""
+    return all(name in t.column_names and _all_equal(t[name], want) for name, want in tok.items())
+
+
+def _chain_view(t: pa.Table, spec: dict) -> pa.Table:
+    """The columns rnglog.check_chains sorts and reports (its take() would copy the whole table)."""
+    from engine.core import rnglog
+
+    row_cols = getattr(rnglog, "_ROW_COLS", None)
+    if row_cols is None:
+        return t
+    need = set(row_cols) | set(spec.get("stream_key") or []) | {
+        "module", "substream_label", "blocks", "rng_counter_before_hi", "rng_counter_before_lo",
+        "rng_counter_after_hi", "rng_counter_after_lo"}
+    return t.select([c for c in t.column_names if c in need])
+
+
+def _np_u64(col: pa.ChunkedArray) -> np.ndarray:
+    """rnglog's reading of a u64 column (nulls as 0)."""
+    if pa.types.is_unsigned_integer(col.type) and col.type.bit_width == 64:
+        return np.asarray(pc.fill_null(col, 0).to_numpy(zero_copy_only=False), dtype=np.uint64)
+    return np.asarray(col.to_numpy(zero_copy_only=False))
+
+
+def _reconcile_family(t: pa.Table, fam: str, spec: dict, ids) -> dict:
+    """rnglog.reconcile's per-family part on the table already read (read_events with_source=True): its
+    per-event and chain failures and the per-(module, label) event sums it compares with the trace."""
+    from engine.core import rnglog
+
+    fails = rnglog.check_events(t, fam, spec, ids) + rnglog.check_chains(_chain_view(t, spec), fam, spec)
+    keys = []
+    if t.num_rows:
+        draws, _ = rnglog.parse_draws(t)
+        blocks = _np_u64(t["blocks"])
+        combo = pc.binary_join_element_wise(t["module"], t["substream_label"], "\x00")
+        for key_str in pc.unique(pc.drop_null(combo)).to_pylist():
+            m, _, lab = key_str.partition("\x00")
+            mask = np.asarray(pc.fill_null(pc.equal(combo, key_str), False).to_numpy(zero_copy_only=False), dtype=bool)
+            keys.append(((m, lab), int(mask.sum()), rnglog.exact_sum(blocks[mask]), rnglog.exact_sum(draws[mask])))
+    return {"fails": fails, "keys": keys}
+
+
+def _events(ctx, L: _Loaded, fl: Failures, fs_ev: dict, env: dict, dup: dict, sums: dict, rec: dict) -> list[str]:
+    """Every RNG event family, one at a time: read once (``fl``), schema (``fs_ev``), envelope (``env``),
+    duplicate identities (``dup``), trace sums (``sums``), rnglog.reconcile's per-family part (``rec``); keeps a
+    frame without the envelope tokens in ``L.events``. Returns the families rnglog.reconcile covers."""
+    from engine.core import rnglog
+    from engine.core import schema as schema_mod
+
+    ids = ctx.ids
+    D = _dictionary(ctx.config)
+    fams = D.families()
+    registered, nonconsuming = family_table(fams)
+    tok = _envelope_tokens(ids)
+    wanted = [f for f, s in fams.items() if s.get("segment") == ids.segment and not s.get("unused")]
+    own = [f for f in FAMILIES if f in fams and fams[f].get("segment") == SEGMENT]
+    for fam in own + [f for f in wanted if f not in own]:
+        try:
+            t = rnglog.read_events(ctx.data_root, ctx.ids, fam, config=ctx.config, with_source=True)
+        except EngineError as e:  # lines that do not fit the family schema
+            if fam in own:
+                fl.add("E_SCHEMA_INVALID", f"rng_event {fam}: unreadable event log ({e.code}: {e.message})", e.rows,
+                       dataset_id=f"rng_event_{fam}")
+            rec[fam] = e
+            continue
+        if fam in wanted:
+            rec[fam] = _reconcile_family(t, fam, fams[fam], ids)
+        if fam not in own or t.num_rows == 0:
+            continue
+        t = t.drop_columns(["_part", "_line"])
+        try:
+            sp = D.schema_path("rng_event", family=fam)
+        except EngineError:
+            sp = None
+        if sp is not None and sp.is_file():
+            probs = _validate_event_fast(t, schema_mod.load_schema(sp))
+            if probs:
+                fs_ev.setdefault(fam, Failures()).add("E_SCHEMA_INVALID", f"rng_event {fam}: rows violate {sp.name}",
+                                                      probs, dataset_id=f"rng_event_{fam}")
+        clean = _tokens_clean(t, tok)
+        df = _frame(t, [c for c in t.column_names if c not in EVENT_TOKEN_COLUMNS] if clean else None)
+        del t
+        _envelope_family(fam, df, tok, registered, nonconsuming, env.setdefault(fam, Failures()), tokens=not clean)
+        _duplicate_events(fam, df, dup.setdefault(fam, Failures()))
+        _trace_sums(fam, df, sums)
+        L.events[fam] = df if clean else df.drop(columns=[c for c in EVENT_TOKEN_COLUMNS if c in df.columns])
+    return wanted
+
+
+def _trace_finals_fast(t: pa.Table, ids) -> tuple[dict, dict] | None:
+    """_trace_finals on the Arrow trace without building its frame: None unless it would report nothing
+    (then the caller runs _trace_finals on the frame)."""
+    if t.num_rows == 0:
+        return {}, {}
+    cols = ("module", "substream_label", "seed", "run_id", "events_total", "draws_total", "blocks_total",
+            "rng_counter_after_hi", "rng_counter_after_lo")
+    if any(c not in t.column_names or t[c].null_count for c in cols):
+        return None
+    for c in cols[4:]:
+        if not pa.types.is_integer(t[c].type):
+            return None
+    if not (_all_equal(t["seed"], str(ids.seed)) and _all_equal(t["run_id"], ids.run_id)):
+        return None
+    mod = pc.dictionary_encode(t["module"].combine_chunks())
+    lab = pc.dictionary_encode(t["substream_label"].combine_chunks())
+    if not (_is_str(mod.dictionary.type) and _is_str(lab.dictionary.type)):
+        return None
+    mods, labs = mod.dictionary.to_pylist(), lab.dictionary.to_pylist()
+    code = np.asarray(mod.indices.to_numpy(), dtype=np.int64) * len(labs) + np.asarray(lab.indices.to_numpy())
+    u64 = {c: np.asarray(t[c].to_numpy()).astype(np.uint64) for c in cols[4:]}
+    et, ah, al = u64["events_total"], u64["rng_counter_after_hi"], u64["rng_counter_after_lo"]
+    order = np.argsort(code, kind="stable")
+    cs = code[order]
+    starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
+    ends = np.r_[starts[1:], len(cs)]
+    finals: dict[tuple[str, str], dict] = {}
+    rows_per_key: dict[tuple[str, str], int] = {}
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        idx = order[a:b]  # the key's rows in file order
+        e, h, lo = et[idx], ah[idx], al[idx]
+        if len(idx) > 1:
+            up = (e[1:] > e[:-1]) | ((e[1:] == e[:-1]) & ((h[1:] > h[:-1]) | ((h[1:] == h[:-1]) & (lo[1:] >= lo[:-1]))))
+            if not up.all():  # the stable sort by (events_total, after counter) moves rows
+                idx = idx[np.lexsort((lo, h, e))]
+            for c in ("draws_total", "blocks_total"):
+                v = u64[c][idx]
+                if (v[1:] < v[:-1]).any():
+                    return None
+        k = int(cs[a])
+        key = (str(mods[k // len(labs)]), str(labs[k % len(labs)]))
+        last = int(idx[-1])
+        finals[key] = {"events_total": int(et[last]), "draws_total": int(u64["draws_total"][last]),
+                       "blocks_total": int(u64["blocks_total"][last])}
+        rows_per_key[key] = int(b - a)
+    return finals, rows_per_key
+
+
+def _rows_of(table: pa.Table, mask: np.ndarray) -> list[dict]:
+    """rnglog's offending-row excerpt (its private _rows_of when present)."""
+    from engine.core import rnglog
+
+    fn = getattr(rnglog, "_rows_of", None)
+    if fn is not None:
+        return fn(table, mask)
+    return []
+
+
+def _trace_keys(t: pa.Table, ids) -> dict:
+    """What rnglog.reconcile reads from the trace, computed once so the trace can be dropped before the events
+    are read: its embedded run_id / seed failures and, per (module, substream_label) as it keys them, the row
+    count and the (events, blocks, draws) totals of its final row (rnglog._final_trace_row: max events_total,
+    then latest ts_utc, then max after counter)."""
+    out: dict[str, Any] = {"embed": [], "keys": {}}
+    if t.num_rows == 0:
+        return out
+    bad = ~np.asarray(pc.fill_null(pc.equal(t["run_id"], ids.run_id), False).to_numpy(zero_copy_only=False),
+                      dtype=bool)
+    if bad.any():
+        out["embed"].append({"code": "E_PATH_EMBED_MISMATCH", "family": None, "detail": f"trace run_id differs from "
+                             f"{ids.run_id}", "rows": _rows_of(t, bad), "count": int(bad.sum())})
+    bad = ~np.asarray(pc.fill_null(pc.equal(t["seed"], pa.scalar(int(ids.seed), pa.uint64())), False).to_numpy(
+        zero_copy_only=False), dtype=bool)
+    if bad.any():
+        out["embed"].append({"code": "E_PATH_EMBED_MISMATCH", "family": None, "detail": f"trace seed differs from "
+                             f"{ids.seed}", "rows": _rows_of(t, bad), "count": int(bad.sum())})
+    combo = pc.dictionary_encode(pc.binary_join_element_wise(t["module"], t["substream_label"], "\x00")
+                                 .combine_chunks())
+    codes = np.asarray(pc.fill_null(combo.indices, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+    order = np.argsort(codes, kind="stable")
+    cs = codes[order]
+    starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
+    ends = np.r_[starts[1:], len(cs)]
+    et = None
+    if t["events_total"].null_count == 0:
+        et = np.asarray(t["events_total"].to_numpy(), dtype=np.uint64)
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        if cs[a] < 0:
+            continue  # null module or label: not a key (pc.unique(pc.drop_null(...)) in rnglog)
+        m, _, lab = combo.dictionary[int(cs[a])].as_py().partition("\x00")
+        cand = order[a:b]  # file order
+        if et is not None:
+            e = et[cand]
+            cand = cand[e == e.max()]
+        sub = t.take(pa.array(cand, pa.int64()))
+        if len(cand) > 1:
+            first = pc.sort_indices(sub, sort_keys=[("events_total", "descending"), ("ts_utc", "descending"),
+                                                    ("rng_counter_after_hi", "descending"),
+                                                    ("rng_counter_after_lo", "descending")])
+            sub = sub.take(first.slice(0, 1))
+        final = sub.slice(0, 1).to_pylist()[0]
+        out["keys"][(m, lab)] = (b - a, (final["events_total"], final["blocks_total"], final["draws_total"]))
+    return out
+
+
+def _reconcile_findings(ids, fams: dict, wanted: list[str], rec: dict, audit_raw: list[dict],
+                        trace_error: EngineError | None, tkeys: dict) -> list[dict]:
+    """rnglog.reconcile(chain=True) from what S9 already read: the audit rows, the per-family results in
+    ``rec`` (dictionary order), the trace summary of :func:`_trace_keys`. Same failure dicts, same order."""
+    from engine.core import rnglog
+
+    out: list[dict] = []
+    algo = getattr(rnglog, "ALGORITHM", "philox2x64-10")
+    if not any(r.get("run_id") == ids.run_id and r.get("seed") == int(ids.seed)
+               and r.get("parameter_hash") == ids.parameter_hash
+               and r.get("manifest_fingerprint") == ids.manifest_fingerprint and r.get("algorithm") == algo
+               for r in audit_raw):
+        out.append({"code": "E_RNG_AUDIT_MISSING", "family": None, "detail": "no rng_audit_log row for this run",
+                    "rows": []})
+    sums: dict[tuple[str, str], list[int]] = {}
+    key_family: dict[tuple[str, str], str] = {}
+    for fam in wanted:
+        r = rec.get(fam)
+        if isinstance(r, Exception):
+            if not isinstance(r, rnglog.RngError):
+                raise r
+            out.append({"code": r.code, "family": fam, "detail": r.message, "rows": []})
+            continue
+        out += r["fails"]
+        for s in fams[fam]["streams"]:
+            key_family.setdefault((s["module"], s["substream_label"]), fam)
+        for key, n, bl, dr in r["keys"]:
+            acc = sums.setdefault(key, [0, 0, 0])
+            acc[0] += n
+            acc[1] += bl
+            acc[2] += dr
+            key_family.setdefault(key, fam)
+    if trace_error is not None:
+        if not isinstance(trace_error, rnglog.RngError):
+            raise trace_error
+        out.append({"code": trace_error.code, "family": None, "detail": trace_error.message, "rows": []})
+        return out
+    out += tkeys["embed"]
+    registered = {(s["module"], s["substream_label"]) for f in wanted for s in fams[f]["streams"]}
+    for key in sorted(set(sums) | (set(tkeys["keys"]) & registered)):
+        m, lab = key
+        fam = key_family.get(key)
+        n_ev, s_bl, s_dr = sums.get(key, [0, 0, 0])
+        n_rows, got = tkeys["keys"].get(key, (0, None))
+        if n_rows != n_ev:
+            out.append({"code": "E_TRACE_COVERAGE_MISSING", "family": fam, "detail": f"trace has {n_rows} rows for "
+                        f"({m}, {lab}) but the events number {n_ev}", "rows": []})
+        if n_rows and got != (n_ev, s_bl, s_dr):
+            out.append({"code": "E_TRACE_TOTALS_MISMATCH", "family": fam, "detail": f"final trace totals (events, "
+                        f"blocks, draws) {got} != event sums {(n_ev, s_bl, s_dr)} for ({m}, {lab})", "rows": []})
+    return out
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     out: list[dict] = []
     if not path.is_file():
@@ -1604,74 +2459,6 @@ def _rel(ctx, p: Path) -> str:
         return Path(p).resolve().relative_to(Path(ctx.data_root).resolve()).as_posix()
     except ValueError:
         return Path(p).as_posix()
-
-
-def _load(ctx, fails: Failures) -> _Loaded:
-    from engine.core import rnglog
-
-    L = _Loaded()
-    D = _dictionary(ctx.config)
-    opts = _options(ctx)
-    required = set(ALWAYS_REQUIRED) | {ds for opt, ds in OPTION_REQUIRED.items() if opts.get(opt)}
-    for ds in PARQUET_DATASETS:
-        L.tables[ds] = None
-        if ds not in D:
-            if ds in required:
-                fails.add("E_PARTITION_MISPLACED", f"{ds}: not in the 1A dataset dictionary", [ds], dataset_id=ds)
-            continue
-        d = ctx.path(ds)
-        L.dirs[ds] = d
-        parts, stray = _part_files(d, D.entry(ds).files)
-        if stray:
-            fails.add("E_PARTITION_MISPLACED", f"{ds}: unexpected files in the partition (only part-NNNNN.parquet "
-                      "and the dictionary's fixed files)", [p.name for p in stray], dataset_id=ds)
-        if not parts:
-            if ds in required:
-                fails.add("E_PARTITION_MISPLACED", f"{ds}: required partition missing or empty at its dictionary "
-                          "path", [_rel(ctx, d)], dataset_id=ds)
-            continue
-        try:
-            L.tables[ds] = _read_parts(parts)
-            L.files[ds] = parts
-        except Exception as e:  # noqa: BLE001 - unreadable parquet is a schema failure, not a crash
-            fails.add("E_SCHEMA_INVALID", f"{ds}: unreadable parquet ({type(e).__name__}: {e})",
-                      [_rel(ctx, p) for p in parts], dataset_id=ds)
-    for ds in JSON_DATASETS:
-        L.docs[ds] = None
-        if ds not in D:
-            continue
-        e = D.entry(ds)
-        folder = ctx.path(ds)
-        L.dirs[ds] = folder
-        main = folder / e.files[0] if e.is_dir and e.files else folder
-        if not main.is_file():
-            continue
-        try:
-            L.docs[ds] = json.loads(main.read_bytes())
-        except (OSError, ValueError) as exc:
-            fails.add("E_SCHEMA_INVALID", f"{ds}: unreadable JSON ({exc})", [_rel(ctx, main)], dataset_id=ds)
-    fams = D.families()
-    for fam in FAMILIES:
-        if fam not in fams or fams[fam].get("segment") != SEGMENT:
-            continue
-        try:
-            t = rnglog.read_events(ctx.data_root, ctx.ids, fam, config=ctx.config)
-        except EngineError as e:  # lines that do not fit the family schema
-            fails.add("E_SCHEMA_INVALID", f"rng_event {fam}: unreadable event log ({e.code}: {e.message})", e.rows,
-                      dataset_id=f"rng_event_{fam}")
-            continue
-        if t is None or t.num_rows == 0:
-            continue
-        L.event_tables[fam] = t
-        L.events[fam] = _frame(t)
-    try:
-        L.trace = trace_frame_from_table(rnglog.read_trace(ctx.data_root, ctx.ids, ctx.config))
-    except EngineError as e:
-        fails.add("E_SCHEMA_INVALID", f"rng_trace_log unreadable ({e.code}: {e.message})", e.rows,
-                  dataset_id="rng_trace_log")
-        L.trace = trace_frame([])
-    L.audit = [r for r in rnglog.read_audit(ctx.data_root, ctx.ids, ctx.config) if "_invalid" not in r]
-    return L
 
 
 def _iso_set(ctx) -> set[str] | None:
@@ -1742,7 +2529,37 @@ def _verify_s6_receipt(d: Path | None) -> str | None:
     return None
 
 
-def _bases(ctx, label: str, df: pd.DataFrame) -> pd.DataFrame:
+class _MerchantU64:
+    """merchant_u64 (one SHA-256 per id) computed once per distinct merchant of the run and shared by every
+    substream re-derivation (hurdle, NB, ZTP, Gumbel, S7, S8 all key on it)."""
+
+    def __init__(self) -> None:
+        self.ids = np.zeros(0, np.uint64)
+        self.mu = np.zeros(0, np.uint64)
+
+    def prime(self, merchant_ids: np.ndarray) -> None:
+        from engine.core import rng
+
+        self.ids = _uniq(np.asarray(merchant_ids, dtype=np.uint64))
+        self.mu = np.asarray(rng.merchant_u64_vec(self.ids), dtype=np.uint64)
+
+    def __call__(self, merchant_ids: np.ndarray) -> np.ndarray:
+        from engine.core import rng
+
+        ids = np.asarray(merchant_ids, dtype=np.uint64)
+        if len(self.ids) == 0 or len(ids) == 0:
+            return rng.merchant_u64_vec(ids)
+        idx = np.searchsorted(self.ids, ids)
+        idx[idx == len(self.ids)] = 0
+        hit = self.ids[idx] == ids
+        out = np.empty(len(ids), dtype=np.uint64)
+        out[hit] = self.mu[idx[hit]]
+        if not hit.all():
+            out[~hit] = rng.merchant_u64_vec(ids[~hit])
+        return out
+
+
+def _bases(ctx, label: str, df: pd.DataFrame, mu: _MerchantU64 | None = None) -> pd.DataFrame:
     """Re-derived keyed substreams (00-core §3.3) for the distinct ids of ``df``: columns merchant_id
     [, country_iso], stream_key, base_hi, base_lo."""
     from engine.core import rng
@@ -1751,21 +2568,44 @@ def _bases(ctx, label: str, df: pd.DataFrame) -> pd.DataFrame:
     u = df[keys].drop_duplicates().reset_index(drop=True)
     u["merchant_id"] = u["merchant_id"].to_numpy().astype(np.uint64)
     M = rng.master_material(SEGMENT, ctx.ids.fingerprint_bytes, ctx.ids.seed)
-    mu = rng.merchant_u64_vec(u["merchant_id"].to_numpy())
+    m64 = (mu or rng.merchant_u64_vec)(u["merchant_id"].to_numpy())
     if "country_iso" in keys:
-        k, hi, lo = rng.substreams_vec(M, SEGMENT, label, mu, iso=[str(x) for x in u["country_iso"].to_numpy()])
+        # str() of each code, as a numpy str array (a Python list of 10^6 str costs seconds)
+        iso = np.asarray(u["country_iso"].to_numpy(), dtype=object).astype(str)
+        k, hi, lo = rng.substreams_vec(M, SEGMENT, label, m64, iso=iso)
     else:
-        k, hi, lo = rng.substreams_vec(M, SEGMENT, label, mu)
+        k, hi, lo = rng.substreams_vec(M, SEGMENT, label, m64)
     u["stream_key"] = np.asarray(k, np.uint64)
     u["base_hi"] = np.asarray(hi, np.uint64)
     u["base_lo"] = np.asarray(lo, np.uint64)
     return u
 
 
+def _aligned(df: pd.DataFrame, base: pd.DataFrame, keys: list[str]) -> bool:
+    """``base`` (from :func:`_bases`) lists exactly ``df``'s key rows in ``df``'s order (no repeated key):
+    a left merge on ``keys`` is then a column-wise join."""
+    if len(base) != len(df):
+        return False
+    for k in keys:
+        a, b = df[k], base[k]
+        if a.dtype != b.dtype:
+            return False
+        if not bool((np.asarray(a.to_numpy(), dtype=object if a.dtype.kind == "O" else None) ==
+                     np.asarray(b.to_numpy(), dtype=object if b.dtype.kind == "O" else None)).all()):
+            return False
+    return True
+
+
 def _with_keys(df: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     keys = [c for c in ("merchant_id", "country_iso") if c in base.columns]
     out = df.copy()
     out["merchant_id"] = out["merchant_id"].to_numpy().astype(np.uint64)
+    if _aligned(out, base, keys):
+        out = out.reset_index(drop=True)
+        for c in base.columns:
+            if c not in keys:
+                out[c] = base[c].to_numpy()
+        return out
     return out.merge(base, on=keys, how="left", sort=False)
 
 
@@ -1846,94 +2686,22 @@ def check_gumbel_keys(g: pd.DataFrame, u_replayed: np.ndarray, fails: Failures) 
                 rows)
 
 
-def _structural(ctx, L: _Loaded, fails: Failures, iso: set[str] | None) -> dict[str, pd.DataFrame]:
-    """Schema, path<->embed, partition tokens, PK and ISO FK of every 1A dataset present (1A-S5-S9 §6.2)."""
-    from engine.core import dictionary as dict_mod
-    from engine.core import schema as schema_mod
-
-    ids = ctx.ids
-    D = _dictionary(ctx.config)
-    tok = {"seed": str(ids.seed), "parameter_hash": ids.parameter_hash, "manifest_fingerprint": ids.manifest_fingerprint,
-           "run_id": ids.run_id}
-    frames: dict[str, pd.DataFrame] = {}
-    for ds in PARQUET_DATASETS:
-        t = L.tables.get(ds)
-        if t is None:
-            continue
-        entry = D.entry(ds)
-        pk: list[str] = []
-        try:
-            sp = D.schema_path(ds)
-        except EngineError:
-            sp = None
-        if sp is not None and sp.is_file():
-            probs = schema_mod.validate_table(t, sp)
-            if probs:
-                fails.add("E_SCHEMA_INVALID", f"{ds}: rows/columns violate {sp.name}", probs, dataset_id=ds)
-            pk = list(schema_mod.load_schema(sp).get("x-primary-key") or [])
-        else:
-            fails.add("E_SCHEMA_INVALID", f"{ds}: schema file missing ({entry.schema_ref})", [str(entry.schema_ref)],
-                      dataset_id=ds)
-        df = _frame(t)
-        frames[ds] = df
-        # tokens carried by the actual path must be this run's, and exactly the dictionary's partitioning
-        ptok = dict_mod.parse_tokens(_rel(ctx, L.dirs[ds]))
-        for k, v in ptok.items():
-            if k in tok and str(v) != tok[k]:
-                fails.add("E_PARTITION_MISPLACED", f"{ds}: path token {k}={v} is not this run's", [str(v)],
-                          dataset_id=ds)
-        if set(ptok) & set(tok) != set(entry.partitioning):
-            fails.add("E_PARTITION_MISPLACED", f"{ds}: path tokens {sorted(ptok)} != dictionary partitioning "
-                      f"{list(entry.partitioning)}", [_rel(ctx, L.dirs[ds])], dataset_id=ds)
-        if ds == "outlet_catalogue" and set(entry.partitioning) != {"seed", "manifest_fingerprint"}:
-            fails.add("E_PARTITION_MISPLACED", "outlet_catalogue must be partitioned by seed and fingerprint only "
-                      "(run_id never on egress)", [list(entry.partitioning)], dataset_id=ds)
-        check_embed(df, {k: v for k, v in ptok.items() if k in tok}, ds, fails)
-        check_pk(df, pk, ds, fails)
-        if iso is not None:
-            check_fk_iso(df, iso, ds, fails)
-    for ds in JSON_DATASETS:
-        doc = L.docs.get(ds)
-        if doc is None:
-            if ds != "s6_receipt":  # the S6 receipt is checked where the membership surface is used
-                fails.add("E_PARTITION_MISPLACED", f"{ds}: missing at its dictionary path",
-                          [_rel(ctx, L.dirs[ds]) if ds in L.dirs else ds], dataset_id=ds)
-            continue
-        try:
-            sp = D.schema_path(ds)
-        except EngineError:
-            sp = None
-        if sp is not None and sp.is_file():
-            # the schema describes one record; a list document (sealed inputs) is a list of such records
-            recs = doc if isinstance(doc, list) else [doc]
-            probs = [f"[{i}] {p}" if isinstance(doc, list) else p
-                     for i, r in enumerate(recs) for p in schema_mod.validate_record(r, sp)]
-            if probs:
-                fails.add("E_SCHEMA_INVALID", f"{ds}: record violates {sp.name}", probs, dataset_id=ds)
-        if isinstance(doc, dict):
-            for k, want in (("manifest_fingerprint", ids.manifest_fingerprint), ("parameter_hash", ids.parameter_hash),
-                            ("seed", str(ids.seed)), ("run_id", ids.run_id)):
-                if k in doc and str(doc[k]) != want:
-                    fails.add("E_PATH_EMBED_MISMATCH", f"{ds}: {k} != {want}", [doc[k]], dataset_id=ds)
-    # RNG event rows against their family schemas (when the contracts provide them)
-    for fam in sorted(L.event_tables):
-        try:
-            sp = D.schema_path("rng_event", family=fam)
-        except EngineError:
-            continue
-        if sp.is_file():
-            probs = validate_event_table(L.event_tables[fam], schema_mod.load_schema(sp))
-            if probs:
-                fails.add("E_SCHEMA_INVALID", f"rng_event {fam}: rows violate {sp.name}", probs,
-                          dataset_id=f"rng_event_{fam}")
-    return frames
-
-
-def validate_event_table(table: pa.Table, schema: dict) -> list[str]:
+def validate_event_table(table: pa.Table, schema: dict, *, clean_only: bool = False) -> list[str]:
     """An event family table (as read by ``rnglog.read_events``) against its schema. The writer omits an
     optional field whose value is null, so the reader shows it as null: for a property outside ``required``
-    null means "absent" and only the present values are checked (00-core §3.6 closed payloads)."""
+    null means "absent" and only the present values are checked (00-core §3.6 closed payloads).
+
+    ``clean_only``: ``table`` may hold dictionary-encoded columns; returns [] only when the decoded table is
+    certainly clean, else a non-empty list (not the problems: validate the plain table for those)."""
     from engine.core import schema as schema_mod
+
+    def check(t: pa.Table, sch: dict) -> list[str]:
+        if not clean_only:
+            return schema_mod.validate_table(t, sch)
+        clean = _schema_clean(t, sch)
+        if clean is None:
+            return schema_mod.validate_table(t, sch)
+        return [] if clean else ["not shown clean"]
 
     props = schema.get("properties") or {}
     required = set(schema.get("required") or [])
@@ -1942,14 +2710,14 @@ def validate_event_table(table: pa.Table, schema: dict) -> list[str]:
     base["properties"] = {k: v for k, v in props.items() if k not in optional}
     base["required"] = [r for r in schema.get("required") or [] if r not in optional]
     base["additionalProperties"] = schema.get("additionalProperties", False)
-    probs = schema_mod.validate_table(table.drop_columns(optional), base)
+    probs = check(table.drop_columns(optional), base)
     for c in optional:
         col = table.column(c)
         present = col.filter(col.is_valid())
         if len(present):
             sub = {"type": "object", "additionalProperties": False, "required": [],
                    "properties": {c: props[c]}}
-            probs += schema_mod.validate_table(pa.table({c: present}), sub)
+            probs += check(pa.table({c: present}), sub)
     return probs
 
 
@@ -1989,31 +2757,80 @@ def _lineage(ctx, fails: Failures, L: _Loaded):
 def validate(ctx) -> Result:
     """Run every S9 check over the published 1A outputs of ``ctx.ids`` and build the bundle's bytes.
 
-    Reads only; nothing is written (``run`` publishes)."""
+    Reads only; nothing is written (``run`` publishes). Datasets and event families are processed one at a
+    time and only the columns later checks need are kept (see "streaming load"); failures are recorded in
+    per-phase collectors and joined in the order the checks are listed in the spec (loading, structure, RNG
+    envelope, trace, reconciliation, S1..S8, lineage)."""
+    from engine.core import progress, rnglog
+
     ids = ctx.ids
+    prog = progress.Progress("1A.S9", total=len(PROGRESS_STEPS), unit="checks")
     fails = Failures()
-    L = _load(ctx, fails)
+    L = _Loaded()
+    D = _dictionary(ctx.config)
+    prefetch = getattr(rnglog, "prefetch_digests", None)
+    if prefetch is not None:  # hash the logs' mirrors in the background while the datasets are checked
+        try:
+            prefetch(ctx.data_root, ids, [f for f in FAMILIES if f in D.families()], config=ctx.config)
+        except (TypeError, OSError, EngineError):
+            pass
     iso = _iso_set(ctx)
-    frames = _structural(ctx, L, fails, iso)
+    load_ds, load_json, load_ev, load_tr = Failures(), Failures(), Failures(), Failures()
+    st_ds, st_json = Failures(), Failures()
+    frames = _datasets(ctx, L, load_ds, st_ds, iso)
+    _json_docs(ctx, L, load_json, st_json)
+    prog.advance()
+    st_ev: dict[str, Failures] = {}
+    env: dict[str, Failures] = {}
+    dup: dict[str, Failures] = {}
+    sums: dict[tuple[str, str], dict] = {}
+    rec: dict[str, Any] = {}
+    # the trace first (the largest log, ~4 rows per merchant): checked and summarised while little else is held
+    trace_error, st_tr = None, Failures()
+    try:
+        tt = rnglog.read_trace(ctx.data_root, ctx.ids, ctx.config)
+    except EngineError as e:
+        load_tr.add("E_SCHEMA_INVALID", f"rng_trace_log unreadable ({e.code}: {e.message})", e.rows,
+                    dataset_id="rng_trace_log")
+        trace_error, tt = e, None
+    tfin = _trace_finals_fast(tt, ids) if tt is not None else ({}, {})
+    if tfin is None:
+        tfin = _trace_finals(trace_frame_from_table(tt), ids, st_tr)
+    tkeys = _trace_keys(tt, ids) if tt is not None else {"embed": [], "keys": {}}
+    del tt
+    prog.advance()
+    wanted = _events(ctx, L, load_ev, st_ev, env, dup, sums, rec)
+    prog.advance()
+    audit_raw = rnglog.read_audit(ctx.data_root, ctx.ids, ctx.config)
+    L.audit = [r for r in audit_raw if "_invalid" not in r]
+    for part in (load_ds, load_json, load_ev, load_tr, st_ds, st_json, *(st_ev[f] for f in sorted(st_ev)),
+                 *(env[f] for f in sorted(env)), *(dup[f] for f in sorted(dup)), st_tr):
+        fails.extend(part)
+    # ---- trace and audit (00-core §3.7), then rnglog's own reconciliation from the same reads
+    acct = _trace_accounting(sums, tfin, L.audit, ids, fails)
+    findings = _reconcile_findings(ids, D.families(), wanted, rec, audit_raw, trace_error, tkeys)
+    del rec
+    _reconcile(ctx, fails, findings)
+    prog.advance()
     empty = pd.DataFrame()
     E = L.events
-    # ---- RNG envelope, trace, audit (+ rnglog's own reconciliation)
-    check_rng_envelopes(E, ids, fails, _dictionary(ctx.config).families())
-    acct = check_trace(E, L.trace, L.audit, ids, fails)
-    _reconcile(ctx, fails)
+    mu = _MerchantU64()
     # ---- S1: cardinality, equivalence chain, Philox replay of every stochastic hurdle draw
     dm = frames.get("hurdle_design_matrix")
-    universe = np.unique(dm["merchant_id"].to_numpy().astype(np.uint64)) if dm is not None and len(dm) else \
+    universe = _uniq(dm["merchant_id"].to_numpy().astype(np.uint64)) if dm is not None and len(dm) else \
         np.zeros(0, np.uint64)
+    mu.prime(universe)
     hur = E.get("hurdle_bernoulli", empty)
-    replay = replay_uniform(hur, _bases(ctx, "hurdle_bernoulli", hur)) if len(hur) else None
+    replay = replay_uniform(hur, _bases(ctx, "hurdle_bernoulli", hur, mu)) if len(hur) else None
     multi = check_s1(hur, universe, fails, pi_probs=frames.get("hurdle_pi_probs"), replay=replay)
+    del replay
     multi_ids = multi.loc[multi["is_multi"].to_numpy(), "merchant_id"].to_numpy().astype(np.uint64)
     elig = frames.get("crossborder_eligibility_flags")
     eligible = None
     if elig is not None and len(elig):
         eligible = elig.loc[elig["is_eligible"].to_numpy().astype(bool), "merchant_id"].to_numpy().astype(np.uint64)
     check_gating(E, multi, eligible, fails)
+    prog.advance()
     # ---- S2: finals, attempt reconstruction, sampler replay, corridors
     pois = E.get("poisson_component", empty)
     gam = E.get("gamma_component", empty)
@@ -2029,7 +2846,7 @@ def validate(ctx) -> Result:
                      ("site_sequence_overflow", E.get("site_sequence_overflow", empty)),
                      ("dirichlet_gamma_vector", E.get("dirichlet_gamma_vector", empty))):
         if len(src):
-            bases[lab] = _bases(ctx, lab, src)
+            bases[lab] = _bases(ctx, lab, src, mu)
     check_counter_chains(E, fails, {k: v.drop(columns=["stream_key"]) for k, v in bases.items()})
     if len(s2g):
         check_sampler_replay(s2g, bases["gamma_nb"], "gamma", "E_S2_REPLAY_MISMATCH", fails, "S2 gamma_component")
@@ -2038,6 +2855,7 @@ def validate(ctx) -> Result:
     if len(s4p):
         check_sampler_replay(s4p, bases["poisson_component"], "poisson", "E_S4_REPLAY_MISMATCH", fails,
                              "S4 poisson_component")
+    del bases
     corridor = None
     try:
         policy = _s2_policy(ctx)
@@ -2046,6 +2864,7 @@ def validate(ctx) -> Result:
         fails.add("corridor_breach", f"{e.code}: {e.message}", e.rows)
     if policy is not None:
         corridor = check_s2_corridors(nbf, policy, fails, corridor_fn=_s2_corridor_fn())
+    prog.advance()
     # ---- S3
     cand = frames.get("s3_candidate_set")
     if cand is None:
@@ -2055,16 +2874,18 @@ def validate(ctx) -> Result:
         else _merchant_homes(ctx)
     check_s3(cand, n_by, homes, fails, counts=frames.get("s3_integerised_counts"), seq=frames.get("s3_site_sequence"),
              universe=universe)
+    prog.advance()
     # ---- S4
     mx, pol = _s4_policy(ctx)
     scope = n_by["merchant_id"].to_numpy().astype(np.uint64)
     if eligible is not None:
-        scope = np.intersect1d(scope, eligible)
+        scope = _intersect(scope, eligible)
     exh = E.get("ztp_retry_exhausted", empty)
     kt = check_s4(s4p, E.get("ztp_rejection", empty), exh, E.get("ztp_final", empty), scope, fails,
                   max_attempts=mx, exhaustion_policy=pol)
-    aborted = np.setdiff1d(np.unique(exh["merchant_id"].to_numpy().astype(np.uint64)) if len(exh) else
-                           np.zeros(0, np.uint64), kt["merchant_id"].to_numpy().astype(np.uint64))
+    aborted = _setdiff(_uniq(exh["merchant_id"].to_numpy().astype(np.uint64)) if len(exh) else
+                       np.zeros(0, np.uint64), kt["merchant_id"].to_numpy().astype(np.uint64))
+    prog.advance()
     # ---- S6 (membership authority: the surface after its flag, else the events)
     gum = E.get("gumbel_key", empty)
     mem_df = frames.get("s6_membership")
@@ -2078,10 +2899,11 @@ def validate(ctx) -> Result:
                       dataset_id="s6_receipt")
     g_replay = None
     if len(gum):
-        g_replay = replay_uniform(gum, _bases(ctx, "gumbel_key", gum))
+        g_replay = replay_uniform(gum, _bases(ctx, "gumbel_key", gum, mu))
     members = check_s6(gum, kt, cand, fails, membership=mem_df, log_all_candidates=_s6_log_all(ctx), replay=g_replay)
     if g_replay is not None:
         check_gumbel_keys(gum, g_replay["u"], fails)
+    prog.advance()
     # ---- S8 structure, S7 parity, conservation
     cat = frames.get("outlet_catalogue", empty)
     if len(cat):
@@ -2090,33 +2912,43 @@ def validate(ctx) -> Result:
         blocks = pd.DataFrame({"merchant_id": np.zeros(0, np.uint64), "legal_country_iso": np.zeros(0, object),
                                "n": np.zeros(0, np.int64), "raw": np.zeros(0, np.int64),
                                "home": np.zeros(0, object), "flag": np.zeros(0, bool)})
+    frames.pop("outlet_catalogue", None)
+    del cat
     ov = check_s8_events(blocks, E.get("sequence_finalize", empty), E.get("site_sequence_overflow", empty), fails)
     check_conservation(blocks, multi, n_by, homes, cand, fails,
-                       tolerated_absent=np.union1d(ov, aborted if pol == "abort" else np.zeros(0, np.uint64)))
+                       tolerated_absent=_union(ov, aborted if pol == "abort" else np.zeros(0, np.uint64)))
     check_s7(blocks, n_by, kt, members, cand, E.get("residual_rank", empty), fails,
              allocation=frames.get("s7_integer_allocation"), aborted=aborted)
+    prog.advance()
     # ---- lineage
     resolved = _lineage(ctx, fails, L)
+    prog.advance()
     # ---- bundle bytes
     passed = not fails.items
     files = _bundle_files(ctx, L, fails, passed, acct, corridor, resolved, universe,
                           counts_source="s7_integer_allocation" if frames.get("s7_integer_allocation") is not None
                           else "residual_rank", membership_source=membership_source)
+    prog.advance()
+    prog.finish()
     return Result(passed=passed, failures=list(fails.items), bundle_files=files)
 
 
-def _reconcile(ctx, fails: Failures) -> None:
-    """rnglog's own events-vs-trace-vs-audit reconciliation, mapped onto the S9 codes."""
+def _reconcile(ctx, fails: Failures, findings: list[dict] | None = None) -> None:
+    """rnglog's own events-vs-trace-vs-audit reconciliation, mapped onto the S9 codes. ``findings``: its
+    failure dicts computed from the tables S9 already read (:func:`_reconcile_trace`); None calls
+    ``rnglog.reconcile`` (which reads every log again)."""
     from engine.core import rnglog
 
-    fn = getattr(rnglog, "reconcile", None)
-    if fn is None:
-        return
+    if findings is None:
+        fn = getattr(rnglog, "reconcile", None)
+        if fn is None:
+            return
+        findings = fn(ctx.data_root, ctx.ids, chain=True, config=ctx.config) or []
     # S9's own checks above cover the same ground in more detail; a reconcile finding is added only when S9
     # has not already reported that code for that family (no double counting in failures_by_code)
     seen = {(f["code"], f.get("dataset_id")) for f in fails.items}
     seen_codes = {f["code"] for f in fails.items}
-    for r in fn(ctx.data_root, ctx.ids, chain=True, config=ctx.config) or []:
+    for r in findings:
         r = dict(r)
         code = _map_reconcile_code(r)
         ds = f"rng_event_{r['family']}" if r.get("family") else "rng_trace_log"
