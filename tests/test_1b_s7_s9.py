@@ -608,3 +608,134 @@ def test_revalidate_does_not_publish_and_compares(world):
     assert not r["passed"]
     assert {"E901_ROW_MISSING", "E908_BUNDLE_CONTENTS_MISSING", "E910_FLAG_BAD_OR_MISSING"} <= set(r["failure_codes"])
     assert {p.name: p.read_bytes() for p in b.iterdir()} == snapshot
+
+
+# ====================================================================== one-pass proofs == the join / sort paths
+def _slow_paths(m) -> None:
+    """Disable every one-pass shortcut of S7/S8/S9 and the RNG checks (sort, group-by and join paths only)."""
+    m.setattr(s7, "key_order", lambda *a, **k: None)
+    m.setattr(s8, "key_order", lambda *a, **k: None)
+    m.setattr(s9, "_parity_clean", lambda *a, **k: None)
+    m.setattr(s9, "_site_tile_clean", lambda *a, **k: False)
+    m.setattr(s9, "_jitter_clean", lambda *a, **k: False)
+    m.setattr(rnglog, "_chains_clean", lambda *a, **k: False)
+    m.setattr(rnglog, "_final_trace_row_of",
+              lambda trace, rows, ev: rnglog._final_trace_row(trace.take(pa.array(rows, pa.int64()))))
+
+
+def _shuffle_jitter_streams(ctx) -> None:
+    """in_cell_jitter lines with whole sites reordered: every substream still chains, but the file is no longer in
+    key order (the shortcuts must decline, the sort path decides)."""
+    p = _events_path(ctx, "in_cell_jitter")
+    lines = p.read_bytes().splitlines(keepends=True)
+    rows = [json.loads(x) for x in lines]
+    key = [(r["merchant_id"], r["legal_country_iso"], r["site_order"]) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (-key[i][2], key[i], i))  # sites by site_order descending
+    p.write_bytes(b"".join(lines[i] for i in order))
+
+
+def _edit_jitter_tile(ctx) -> None:
+    p = _events_path(ctx, "site_tile_assign")
+    rows = [json.loads(x) for x in p.read_text().splitlines()]
+    rows[2]["tile_id"] = rows[2]["tile_id"] + 1
+    p.write_text("".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("mutate", ["none", "drop_attempt", "drop_only_event", "drop_site_tile", "tile_differs",
+                                    "shuffle_jitter", "dup_row", "swap_rows", "moved_point", "drop_row"])
+def test_s9_shortcuts_give_the_bundle_of_the_join_paths(world, monkeypatch, mutate):
+    ctx = world
+    run_s7_s8(ctx)
+    if mutate == "drop_attempt":
+        _drop_event(ctx, "in_cell_jitter", lambda r: r["merchant_id"] == BIG and r["rng_counter_before_lo"] == 1)
+    elif mutate == "drop_only_event":
+        _drop_event(ctx, "in_cell_jitter", lambda r: r["merchant_id"] == 7 and r["site_order"] == 3)
+    elif mutate == "drop_site_tile":
+        _drop_event(ctx, "site_tile_assign", lambda r: r["merchant_id"] == 1 and r["site_order"] == 1)
+    elif mutate == "tile_differs":
+        _edit_jitter_tile(ctx)
+    elif mutate == "shuffle_jitter":
+        _shuffle_jitter_streams(ctx)
+    elif mutate in ("dup_row", "swap_rows", "moved_point", "drop_row"):
+        t = _egress(ctx)
+        if mutate == "dup_row":
+            t = pa.concat_tables([t.slice(0, 1), t])
+        elif mutate == "swap_rows":
+            t = t.take(pa.array([1, 0, *range(2, t.num_rows)]))
+        elif mutate == "drop_row":
+            t = t.slice(1)
+        else:
+            lon = t["lon_deg"].to_numpy().copy()
+            lon[2] += 1e-7
+            t = t.set_column(3, "lon_deg", pa.array(lon))
+        _rewrite_egress(ctx, t)
+    fast = s9.validate(ctx)
+    with monkeypatch.context() as m:
+        _slow_paths(m)
+        slow = s9.validate(ctx)
+    assert fast.bundle_files == slow.bundle_files
+    assert fast.passed == (mutate in ("none", "shuffle_jitter"))
+    if mutate == "none":  # the shortcuts do apply to what S5..S8 write (else they would only cost time)
+        inp = s9.load_inputs(ctx, s9._Failures(ctx.data_root))
+        assert s9._site_tile_clean(inp.s7.select([*s7.KEY, "tile_id"]), inp.events["site_tile_assign"])
+        assert s9._jitter_clean(inp.s7, inp.events["in_cell_jitter"], inp.bounds)
+        assert s9._parity_clean(inp.s7, s9._egress_checks(ctx, inp, s9._Failures(ctx.data_root))) is not None
+        for fam, ev in inp.events.items():
+            assert rnglog._chains_clean(ev, ["merchant_id", "legal_country_iso", "site_order"][:3 if fam ==
+                                                                                             "in_cell_jitter" else 2])
+
+
+def test_s7_shortcuts_give_the_join_path_result(world, monkeypatch):
+    ctx = world
+    s5t = publish.read_parquet_dir(ctx.path("s5_site_tile_assignment"))
+    s6t = publish.read_parquet_dir(ctx.path("s6_site_jitter"))
+    cat = publish.read_parquet_dir(ctx.path("outlet_catalogue", segment="1A"))
+    fast = s7.synthesise(s5t, s6t, cat, ctx.path("tile_bounds"), ctx.ids.manifest_fingerprint)
+    with monkeypatch.context() as m:
+        _slow_paths(m)
+        slow = s7.synthesise(s5t, s6t, cat, ctx.path("tile_bounds"), ctx.ids.manifest_fingerprint)
+        # shuffled inputs take the sort path either way: same result again
+        perm = pa.array(np.random.default_rng(3).permutation(s5t.num_rows))
+        again = s7.synthesise(s5t.take(perm), s6t.take(perm), cat, ctx.path("tile_bounds"),
+                              ctx.ids.manifest_fingerprint)
+    assert fast[0].equals(slow[0]) and fast[1] == slow[1]
+    assert again[0].equals(slow[0]) and again[1] == slow[1]
+    # a catalogue whose final_country_outlet_count disagrees is E708 on both paths (the shortcut declines)
+    bad = cat.set_column(cat.schema.get_field_index("final_country_outlet_count"), "final_country_outlet_count",
+                         pa.array([9] * cat.num_rows, pa.int32()))
+    for patch in (False, True):
+        with monkeypatch.context() as m:
+            if patch:
+                _slow_paths(m)
+            with pytest.raises(EngineError) as e:
+                s7.synthesise(s5t, s6t, bad, ctx.path("tile_bounds"), ctx.ids.manifest_fingerprint)
+            assert e.value.code == "E708_1A_COVERAGE_FAIL"
+
+
+def test_key_helpers_agree_with_sort_group_by_and_join():
+    g = np.random.default_rng(17)
+    n = 400
+    base = pa.table({"merchant_id": pa.array(g.integers(0, 2 ** 64 - 1, n, dtype=np.uint64, endpoint=True)),
+                     "legal_country_iso": pa.array(g.choice(["GB", "DE", "É", "US", "de"], n)),
+                     "site_order": pa.array(g.integers(1, 4, n), pa.int64())})
+    srt = base.take(pa.compute.sort_indices(base, sort_keys=[(k, "ascending") for k in s7.KEY]))
+    dup = pa.concat_tables([srt, srt.slice(5, 3)])
+    dup = dup.take(pa.compute.sort_indices(dup, sort_keys=[(k, "ascending") for k in s7.KEY]))
+    nul = srt.set_column(2, "site_order", pa.array([None] + srt["site_order"].to_pylist()[1:], pa.int64()))
+    dic = srt.set_column(1, "legal_country_iso", pa.compute.dictionary_encode(srt["legal_country_iso"]))
+    for t in (base, srt, dup, nul, srt.slice(0, 1), srt.slice(0, 0)):
+        fast = (s7.sort_by_key(t), s7.duplicate_keys(t), s8.is_sorted(t), s7.key_differences(t, srt),
+                s7.key_differences(srt, t))
+        import unittest.mock as um
+
+        with um.patch.object(s7, "key_order", lambda *a, **k: None), um.patch.object(s8, "key_order",
+                                                                                      lambda *a, **k: None):
+            slow = (s7.sort_by_key(t), s7.duplicate_keys(t), s8.is_sorted(t), s7.key_differences(t, srt),
+                    s7.key_differences(srt, t))
+        assert fast[0].equals(slow[0]) and fast[1].equals(slow[1]) and fast[2] == slow[2]
+        for a, b in zip(fast[3] + fast[4], slow[3] + slow[4]):
+            assert a.equals(b)
+    assert s7.key_order(srt) == (True, True) and s7.key_order(dup) == (True, False)
+    assert s7.key_order(nul) is None and s7.key_order(dic) == (True, True)
+    assert s7.same_keys(srt, dic) and not s7.same_keys(srt, dup)
+    assert s7.sort_by_key(dic) is dic  # already sorted: returned as is (the Arrow sort cannot take dictionaries)

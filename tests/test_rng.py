@@ -269,3 +269,66 @@ def test_substream_separation_and_encodings():
         rng.ser_u32(1 << 32)
     with pytest.raises(ValueError):
         rng.substreams_vec(M, "1A", "x", [1, 2], iso=["GB"])
+
+
+# --- native SHA-256 of records (engine.core._sha256) ------------------------------------------
+def test_native_sha256_records_equal_hashlib_on_every_width_in_use():
+    from engine.core import _sha256
+
+    gen = np.random.default_rng(29)
+    M = rng.master_material("1B", FP_1A, SEED)
+    cases = [(b"", 8)]  # merchant_u64: LE64(id), no prefix
+    for seg, label in (("1A", "hurdle_bernoulli"), ("1A", "gumbel_key"), ("1B", "site_tile_assign"),
+                       ("1B", "in_cell_jitter")):
+        pre = rng._prefix(M, seg, label)
+        cases += [(pre, 8), (pre, 14), (pre, 22), (pre, 1), (pre, 200)]
+    for prefix, width in cases:
+        n = 257
+        recs = gen.integers(0, 256, n * width, dtype=np.uint8)
+        want = b"".join(hashlib.sha256(prefix + recs[i * width:(i + 1) * width].tobytes()).digest()
+                        for i in range(n))
+        assert rng._sha256_records_hashlib(prefix, recs, n, width) == want
+        assert rng._sha256_records(prefix, recs, n, width) == want
+        got = _sha256.sha256_records(prefix, recs, n, width)
+        if _sha256.available():
+            assert got == want
+        else:  # no libcrypto in this process: the engine hashes with hashlib (same bytes)
+            assert got is None
+
+
+def test_native_sha256_two_thread_split_and_fallback(monkeypatch):
+    from engine.core import _sha256
+
+    gen = np.random.default_rng(31)
+    n, width = _sha256._THREADS_FROM + 3, 22  # large enough for the two-thread split
+    prefix = rng._prefix(rng.master_material("1B", FP_1A, SEED), "1B", "in_cell_jitter")
+    recs = gen.integers(0, 256, n * width, dtype=np.uint8)
+    got = rng._sha256_records(prefix, recs, n, width)
+    for i in (0, n // 2 - 1, n // 2, n - 1):  # the seam between the two halves and both ends
+        assert got[32 * i:32 * (i + 1)] == hashlib.sha256(prefix + recs[i * width:(i + 1) * width].tobytes()).digest()
+    # forced fallback (ENGINE_SHA256_NATIVE=0): hashlib, same substreams
+    mu = _rand_u64(gen, 500)
+    codes = np.array(["GB", "DE", "USA"])[gen.integers(0, 3, 500)]
+    so = gen.integers(1, 10**6, 500).astype(np.uint64)
+    M = rng.master_material("1B", FP_1A, 7)
+    a = rng.substreams_vec(M, "1B", "in_cell_jitter", mu, iso=codes, site_order=so)
+    ma = rng.merchant_u64_vec(mu)
+    monkeypatch.setattr(_sha256, "_state", {})
+    monkeypatch.setenv("ENGINE_SHA256_NATIVE", "0")
+    assert not _sha256.available()
+    assert _sha256.sha256_records(b"", recs, 3, 8) is None
+    b = rng.substreams_vec(M, "1B", "in_cell_jitter", mu, iso=codes, site_order=so)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+    assert np.array_equal(ma, rng.merchant_u64_vec(mu))
+
+
+def test_merchant_u64_vec_sorted_and_unsorted_repeats_agree():
+    gen = np.random.default_rng(37)
+    ids = np.sort(np.concatenate([_rand_u64(gen, 300), np.array([0, MASK, MASK, 5, 5, 5], np.uint64)]))
+    ids = np.repeat(ids, gen.integers(1, 4, ids.shape[0]))  # per-row ids in writer order: runs of repeats
+    got = rng.merchant_u64_vec(ids)
+    assert got.tolist() == [rng.merchant_u64(v) for v in ids.tolist()]
+    perm = gen.permutation(ids.shape[0])
+    assert np.array_equal(rng.merchant_u64_vec(ids[perm]), got[perm])
+    assert rng.merchant_u64_vec(ids[:1]).tolist() == [rng.merchant_u64(int(ids[0]))]

@@ -597,3 +597,200 @@ def test_verified_digest_cache_never_hides_an_edit(tmp_path, monkeypatch):
     assert hashed == [p.stat().st_size]  # second read: cached digest
     _edit_line(p, 1, '"draws":"1"', '"draws":"3"')
     assert R.read_events(tmp_path, IDS, "gumbel_key")["draws"].to_pylist()[1] == "3"
+
+
+# ---------------------------------------------------------------------- dictionary reads, fast checks, prefetch
+def _slow_checks(monkeypatch) -> None:
+    """Disable the one-pass proofs: every check takes its sort / filter path."""
+    monkeypatch.setattr(R, "_chains_clean", lambda *a, **k: False)
+    monkeypatch.setattr(R, "_final_trace_row_of",
+                        lambda trace, rows, ev: R._final_trace_row(trace.take(pa.array(rows, pa.int64()))))
+
+
+def test_dictionary_reads_and_pre_read_reconcile_equal_the_plain_path(tmp_path, monkeypatch):
+    _s2_writer(tmp_path).close()
+    p = _write_gumbel(tmp_path / "g")
+    for root in (tmp_path, tmp_path / "g"):
+        for f in _families_on_disk(root, IDS):
+            plain = R.read_events(root, IDS, f, with_source=True)
+            dic = R.read_events(root, IDS, f, with_source=True, dictionary=True)
+            assert any(pa.types.is_dictionary(x.type) for x in dic.schema)  # from the mirror, as stored
+            assert R.plain_strings(dic).equals(plain), f
+            spec = R.dictionary.load("1A").families()[f]
+            assert R.check_events(dic, f, spec, IDS) == R.check_events(plain, f, spec, IDS) == []
+            d1, b1 = R.parse_draws(dic)
+            d2, b2 = R.parse_draws(plain)
+            assert np.array_equal(d1, d2) and np.array_equal(b1, b2)
+        tr = R.read_trace(root, IDS, dictionary=True)
+        assert R.plain_strings(tr).equals(R.read_trace(root, IDS))
+        for f in _families_on_disk(root, IDS):
+            assert R.stream_rows(tr, "no.such", "module").size == 0
+    # a tampered counter and draws: the same failures whether reconcile reads or is handed the tables
+    row = json.loads(p.read_text().splitlines()[3])
+    _edit_line(p, 3, f'"rng_counter_after_lo":{row["rng_counter_after_lo"]}',
+               f'"rng_counter_after_lo":{row["rng_counter_after_lo"] + 1}')
+    _edit_line(p, 1, '"draws":"1"', '"draws":"2"')
+    root = tmp_path / "g"
+    want = R.reconcile(root, IDS, chain=True)
+    assert _codes(want) == {"E_RNG_COUNTER_MISMATCH", "E_RNG_BUDGET_VIOLATION", "E_TRACE_TOTALS_MISMATCH"}
+    events = {f: R.read_events(root, IDS, f, with_source=True, dictionary=True) for f in _families_on_disk(root, IDS)}
+    assert R.reconcile(root, IDS, chain=True, events=events, trace=R.read_trace(root, IDS, dictionary=True)) == want
+    with monkeypatch.context() as m:
+        _slow_checks(m)
+        assert R.reconcile(root, IDS, chain=True) == want
+    assert R.reconcile(root, IDS, chain=True, source="jsonl") == want
+
+
+def _chain_table(order: list[int], iso_dictionary: bool, broken: int | None = None) -> pa.Table:
+    """site_tile_assign-like events of 3 substreams (4 events each), rows in ``order``; ``broken`` moves one
+    event's counters off its chain."""
+    mids, isos, bh, bl, ah, al = [], [], [], [], [], []
+    for s, (m, iso) in enumerate([(5, "GB"), (5, "DE"), (9, "GB")]):
+        for k in range(4):
+            mids.append(m)
+            isos.append(iso)
+            bh.append(s)
+            bl.append(100 + k)
+            ah.append(s)
+            al.append(101 + k)
+    if broken is not None:
+        bl[broken] += 7
+        al[broken] += 7
+    take = lambda x, t: pa.array([x[i] for i in order], t)  # noqa: E731
+    iso = take(isos, pa.string())
+    n = len(order)
+    return pa.table({
+        "module": pa.array(["1B.S5.assigner"] * n), "substream_label": pa.array(["site_tile_assign"] * n),
+        "merchant_id": take(mids, pa.uint64()),
+        "legal_country_iso": pc_dictionary(iso) if iso_dictionary else iso,
+        "rng_counter_before_hi": take(bh, pa.uint64()), "rng_counter_before_lo": take(bl, pa.uint64()),
+        "rng_counter_after_hi": take(ah, pa.uint64()), "rng_counter_after_lo": take(al, pa.uint64()),
+        "blocks": pa.array([1] * n, pa.uint64()), "_line": pa.array(list(range(n)), pa.int64())})
+
+
+def pc_dictionary(arr):
+    import pyarrow.compute as pc
+
+    return pc.dictionary_encode(arr)
+
+
+@pytest.mark.parametrize("iso_dictionary", [False, True])
+def test_chain_fast_path_agrees_with_the_sort(monkeypatch, iso_dictionary):
+    spec = {"stream_key": ["merchant_id", "legal_country_iso"]}
+    writer = list(range(12))  # rows (5,GB) (5,DE) (9,GB): not in key order across streams, each stream contiguous
+    key_order = [4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11]  # (5,DE) (5,GB) (9,GB): key order
+    interleaved = [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
+    cases = []
+    for order in (writer, key_order, interleaved):
+        for broken in (None, 2, 9):
+            cases.append((order, broken))
+    for order, broken in cases:
+        t = _chain_table(order, iso_dictionary, broken)
+        fast = R.check_chains(t, "site_tile_assign", spec)
+        with monkeypatch.context() as m:
+            m.setattr(R, "_chains_clean", lambda *a, **k: False)
+            slow = R.check_chains(t, "site_tile_assign", spec)
+        assert fast == slow, (order, broken)
+        assert bool(slow) == (broken is not None)
+    # the one-pass proof holds only for key-ordered, unbroken tables
+    assert R._chains_clean(_chain_table(key_order, iso_dictionary), ["merchant_id", "legal_country_iso"])
+    assert not R._chains_clean(_chain_table(key_order, iso_dictionary, 9), ["merchant_id", "legal_country_iso"])
+    assert not R._chains_clean(_chain_table(interleaved, iso_dictionary), ["merchant_id", "legal_country_iso"])
+
+
+def test_parse_draws_per_distinct_value_plain_and_dictionary():
+    vals = ["1", "0", "01", "", None, str(U64MAX), str(U64MAX + 1), "\uff12", "7", " 7", "7\n"]
+    want_bad = [False, False, True, True, True, False, True, True, False, True, True]
+    want_num = [1, 0, 0, 0, 0, U64MAX, 0, 0, 7, 0, 0]
+    for arr in (pa.array(vals, pa.string()), pc_dictionary(pa.array(vals, pa.string()))):
+        num, bad = R.parse_draws(pa.table({"draws": pa.chunked_array([arr.slice(0, 4), arr.slice(4)])}))
+        assert bad.tolist() == want_bad and num.tolist() == want_num
+
+
+def test_prefetched_digests_are_used_and_never_hide_an_edit(tmp_path, monkeypatch):
+    p = _write_gumbel(tmp_path)
+    monkeypatch.setattr(R, "_SETTLED_NS", -1)  # treat the fresh files as settled
+    monkeypatch.setattr(R, "_VERIFIED", {})
+    monkeypatch.setattr(R, "_PENDING", {})
+    n = R.prefetch_digests(tmp_path, IDS, ["gumbel_key", "nb_final"])
+    assert n == 3  # two event parts and the trace's one mirror segment
+    assert R.prefetch_digests(tmp_path, IDS, ["gumbel_key"]) == 0  # already pending or verified
+    want = R.read_events(tmp_path, IDS, "gumbel_key", source="jsonl")
+    with monkeypatch.context() as m:
+        _mirror_only(m)  # the prefetched digests match: mirrors are used
+        assert R.read_events(tmp_path, IDS, "gumbel_key").equals(want)
+        assert R.read_events(tmp_path, IDS, "nb_final").num_rows == 1
+        assert R.read_trace(tmp_path, IDS).num_rows == 6
+    assert not R._PENDING  # every prefetched digest was consumed by a read
+    # an edit after the prefetch (same size; a new stat) is parsed, never hidden by the earlier digest
+    st = p.stat()
+    _edit_line(p, 1, '"draws":"1"', '"draws":"5"')
+    os_utime_ns = (st.st_atime_ns, st.st_mtime_ns + 1_000_000_000)
+    import os
+
+    os.utime(p, ns=os_utime_ns)
+    assert R.prefetch_digests(tmp_path, IDS, ["gumbel_key"]) == 1
+    assert R.read_events(tmp_path, IDS, "gumbel_key")["draws"].to_pylist()[1] == "5"
+
+
+def test_mirrors_are_zstd_and_hash_thread_honours_the_offset(tmp_path):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    p = _write_gumbel(tmp_path)
+    md = pq.ParquetFile(R.mirror_path(p)).metadata
+    assert md.row_group(0).column(0).compression == "ZSTD"
+    chunks = [np.frombuffer(bytes([i % 251]) * (1000 + i), np.uint8) for i in range(40)]
+    data = b"".join(c.tobytes() for c in chunks)
+    for start in (0, 1, 999, 5000, len(data) - 1):
+        h = hashlib.sha256()
+        size = R._atomic_write(tmp_path / "x.bin", iter(chunks), hasher=h, hash_from=start)
+        assert size == len(data) and (tmp_path / "x.bin").read_bytes() == data
+        assert h.digest() == hashlib.sha256(data[start:]).digest()
+
+
+def test_close_reports_progress_lines(tmp_path):
+    import io
+
+    from engine.core.progress import Progress
+
+    logs = logs_with_audit(tmp_path)
+    n = 7
+    logs.add_events("hurdle_bernoulli", "1A.hurdle_sampler", "hurdle_bernoulli", dict(
+        counters([1] * n, 3000), draws=[1] * n, merchant_id=np.arange(1, n + 1, dtype=np.uint64), pi=[0.5] * n,
+        u=[0.25] * n, is_multi=[True] * n, deterministic=[False] * n))
+    buf = io.StringIO()
+    logs.close(progress=Progress("1A.S1", total=2 * n, unit="rng log lines", stream=buf))
+    last = buf.getvalue().splitlines()[-1]
+    assert last.startswith("[progress] 1A.S1 rng log lines 14/14 (100.0%)") and last.endswith("done")
+    assert R.reconcile(tmp_path, IDS) == []
+
+
+def test_close_runs_alongside_after_its_checks_and_raises_its_error(tmp_path):
+    n = 5
+    cols = dict(counters([1] * n, 3000), draws=[1] * n, merchant_id=np.arange(1, n + 1, dtype=np.uint64),
+                pi=[0.5] * n, u=[0.25] * n, is_multi=[True] * n, deterministic=[False] * n)
+    calls = []
+    logs = logs_with_audit(tmp_path)
+    logs.add_events("hurdle_bernoulli", "1A.hurdle_sampler", "hurdle_bernoulli", cols)
+    logs.close(alongside=lambda: calls.append("published"))
+    assert calls == ["published"] and R.reconcile(tmp_path, IDS) == []
+
+    def fails():
+        raise RngError("E_TEST", "publish failed")
+
+    root = tmp_path / "b"
+    logs = logs_with_audit(root)
+    logs.add_events("hurdle_bernoulli", "1A.hurdle_sampler", "hurdle_bernoulli", cols)
+    with pytest.raises(RngError, match="E_TEST"):
+        logs.close(alongside=fails)
+    assert R.reconcile(root, IDS) == []  # the logs were completed before the error surfaced
+    # a close that fails its own checks never runs it (nothing is published beside refused logs)
+    root = tmp_path / "c"
+    logs = logs_with_audit(root)
+    logs.add_events("hurdle_bernoulli", "1A.hurdle_sampler", "hurdle_bernoulli", cols)
+    R.audit_path(root, IDS).unlink()
+    with pytest.raises(RngError, match="E_RNG_AUDIT_MISSING"):
+        logs.close(alongside=lambda: calls.append("too early"))
+    assert calls == ["published"]

@@ -31,8 +31,9 @@ Lines are canonical JSON (sorted keys, compact, ASCII): envelope (00-core 3.6) +
 u64 exact, ``draws`` a decimal string, floats via ``repr`` (shortest round trip), booleans/nulls as JSON;
 an optional field that is null is omitted (e.g. ``selection_order`` present iff selected).
 Rendering: one numba kernel per chunk (GIL released) formats u64/i64/bools and copies keys, constants and
-pre-rendered float/string text (Arrow float->string, fixed up to ``repr`` layout); a helper thread writes and
-hashes chunk k while chunk k+1 renders.
+pre-rendered float/string text (Arrow float->string, fixed up to ``repr`` layout); while chunk k+1 renders, one
+helper thread writes chunk k and another hashes it (at 10^6 events the writes wait on the disk). A part's
+mirror is encoded in the background while the trace is written. ``close(progress=...)`` reports lines written.
 
 Columnar mirrors (a cache, never the authority): beside each part, ``_mirror.part-NNNNN.parquet`` holds the
 same rows typed by the family schema plus the size and sha256 of the exact JSONL bytes; beside the trace,
@@ -53,14 +54,21 @@ source="auto")`` (explicit Arrow schema from the family schema, u64 exact, parts
 totals and final trace rows for ``rng_accounting.json``). ``source="jsonl"`` parses the JSONL files and
 ignores the mirrors (a full independent audit of the text, e.g. ``engine audit``).
 
-Checking -- :func:`reconcile` ``(data_root, ids, families=None, chain=False, source="auto")`` returns failure dicts
+``read_events`` / ``read_trace`` with ``dictionary=True`` keep the mirrors' dictionary-encoded string columns
+(envelope constants, ISO codes) as stored instead of copying them per row; every check below accepts both forms
+(string predicates are evaluated once per distinct value). :func:`prefetch_digests` starts the sha256 checks of a
+run's mirrors in a background thread for a validator that reads the logs later.
+
+Checking -- :func:`reconcile` ``(data_root, ids, families=None, chain=False, source="auto", events=None,
+trace=None)`` (``events`` / ``trace``: tables the caller already read) returns failure dicts
 ``{code, family, module, substream_label, detail, rows}``: per event ``blocks == u128(after) - u128(before)``
 (``E_RNG_COUNTER_MISMATCH``), fixed budgets (``E_RNG_BUDGET_VIOLATION``), non-consuming families keep their
 counters (``E_NONCONSUMING_CHANGED_COUNTERS``), registered module/label/context (``E_SCHEMA_INVALID``),
 embedded identities (``E_PATH_EMBED_MISMATCH``); per ``(module, substream_label)`` trace row count == event
 count (``E_TRACE_COVERAGE_MISSING``) and final totals == event sums (``E_TRACE_TOTALS_MISMATCH``); audit row
 present (``E_RNG_AUDIT_MISSING``); with ``chain=True`` consecutive consuming events of one keyed substream
-chain (``E_RNG_COUNTER_MISMATCH``). :func:`check_events` and :func:`check_chains` do the per-table parts.
+chain (``E_RNG_COUNTER_MISMATCH``; proved in one pass when the events come grouped by substream, else by a sort).
+:func:`check_events` and :func:`check_chains` do the per-table parts.
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ import itertools
 import json
 import mmap
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -381,9 +390,10 @@ class _Plan:
             text = pc.fill_null(_json_strings(arr), "")
             self._fields.append((name, K_STR, text, nulls, omit_null))
 
-    def chunks(self) -> Iterable[np.ndarray]:
+    def chunks(self, on_rows: Any = None) -> Iterable[np.ndarray]:
         """Render all lines; yields byte chunks (numpy views of two buffers used in turn: a chunk is valid until
-        the generator is advanced twice more -- :func:`_write_stream` relies on exactly that)."""
+        the generator is advanced twice more -- :func:`_write_stream` relies on exactly that). ``on_rows(n)`` is
+        called with each chunk's line count (progress reporting)."""
         n = self.n
         fields = sorted(self._fields, key=lambda f: f[0])
         blob = bytearray()
@@ -457,6 +467,8 @@ class _Plan:
             used = _render(r0, r1, kinds, args, pre_start, pre_len, null_idx, omit, blob_arr, u64m, i64m, sv, so,
                            nm, buf)
             yield buf[:used]
+            if on_rows is not None:
+                on_rows(r1 - r0)
 
 
 # ====================================================================== numeric helpers
@@ -555,30 +567,41 @@ class _Sink:
     def __init__(self, f, hasher=None, hash_from: int = 0):
         self.f, self.hasher, self.hash_from, self.pos = f, hasher, hash_from, 0
 
-    def __call__(self, c: Any) -> None:
-        n = len(c)
+    def write(self, c: Any) -> None:
         self.f.write(c)
-        if self.hasher is not None and self.pos + n > self.hash_from:
-            skip = max(0, self.hash_from - self.pos)
+
+    def hash(self, c: Any, pos: int) -> None:
+        """Feed chunk ``c``, which starts at file offset ``pos`` (chunks in order, one at a time)."""
+        n = len(c)
+        if self.hasher is not None and pos + n > self.hash_from:
+            skip = max(0, self.hash_from - pos)
             self.hasher.update(memoryview(c)[skip:] if skip else c)
-        self.pos += n
+
+    def __call__(self, c: Any) -> None:
+        self.write(c)
+        self.hash(c, self.pos)
+        self.pos += len(c)
 
 
 def _write_stream(sink: _Sink, chunks: Iterable[Any]) -> int:
-    """Feed ``chunks`` to ``sink`` in a helper thread, one chunk behind the producer: the producer (the numba
-    renderer, GIL released) makes chunk k+1 while chunk k is written and hashed (file writes and sha256 release
-    the GIL too). A chunk is handed over only after the previous one is done, which is all
-    :meth:`_Plan.chunks` (two buffers in turn) needs. Returns the byte count."""
+    """Feed ``chunks`` to ``sink`` in two helper threads, one chunk behind the producer: the producer (the numba
+    renderer, GIL released) makes chunk k+1 while chunk k is written by one thread and hashed by the other (file
+    writes and sha256 release the GIL). Writing is usually throttled to the disk's speed, so the hash must not
+    queue behind it. A chunk is handed over only after both are done with the previous one, which is all
+    :meth:`_Plan.chunks` (two buffers in turn) needs, and keeps the hash in file order. Returns the byte count."""
     total = 0
-    with ThreadPoolExecutor(max_workers=1) as ex:
-        fut = None
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="rnglog-write") as ex:
+        pending: list = []
         for c in chunks:
-            if fut is not None:
+            for fut in pending:
                 fut.result()
-            fut = ex.submit(sink, c)
+            pending = [ex.submit(sink.write, c)]
+            if sink.hasher is not None:
+                pending.append(ex.submit(sink.hash, c, sink.pos + total))
             total += len(c)
-        if fut is not None:
+        for fut in pending:
             fut.result()
+    sink.pos += total
     return total
 
 
@@ -653,12 +676,16 @@ def _as_file_type(arr: pa.Array, typ: pa.DataType) -> pa.Array:
 
 
 def _write_mirror(path: Path, fschema: pa.Schema, tables: Iterable[pa.Table], meta: Mapping) -> None:
-    """Write a mirror (temp + rename; no fsync: a lost or torn mirror only means the JSONL is parsed)."""
+    """Write a mirror (temp + rename; no fsync: a lost or torn mirror only means the JSONL is parsed).
+    zstd (level 1): mirrors of 10^6-scale logs are written while the disk is the bottleneck; it halves their
+    bytes (random u64 counters stay as they are, dictionary indices, totals and constant columns shrink) for
+    ~0.1 s per 10^6 rows of CPU, and reading back is as fast as uncompressed."""
     tmp = path.parent / f"_tmp.{path.name}.{os.urandom(6).hex()}"
     schema = fschema.with_metadata({MIRROR_KEY: json.dumps({"format": MIRROR_FORMAT, **meta}, sort_keys=True)})
     dict_cols = [f.name for f in fschema if pa.types.is_dictionary(f.type)]
     try:
-        with pq.ParquetWriter(tmp, schema, compression="none", use_dictionary=dict_cols or False,
+        with pq.ParquetWriter(tmp, schema, compression="zstd", compression_level=1,
+                              use_dictionary=dict_cols or False,
                               write_statistics=False) as w:
             for t in tables:
                 w.write_table(t.replace_schema_metadata(schema.metadata), row_group_size=1 << 30)
@@ -680,9 +707,11 @@ def _mirror_meta(path: Path) -> tuple[pq.ParquetFile, dict] | None:
 
 
 def _mirror_table(pf: pq.ParquetFile, meta: Mapping, read_schema: pa.Schema,
-                  columns: Sequence[str] | None) -> pa.Table | None:
-    """Rows of a verified mirror as ``read_schema`` (or its ``columns``); None if the mirror does not fit."""
-    if pf.schema_arrow.remove_metadata() != _file_schema(read_schema) or pf.metadata.num_rows != meta.get("rows"):
+                  columns: Sequence[str] | None, dictionary: bool = False) -> pa.Table | None:
+    """Rows of a verified mirror as ``read_schema`` (or its ``columns``); None if the mirror does not fit.
+    ``dictionary``: string columns stay dictionary-encoded as stored (no per-row copy of constant strings)."""
+    fschema = _file_schema(read_schema)
+    if pf.schema_arrow.remove_metadata() != fschema or pf.metadata.num_rows != meta.get("rows"):
         return None  # written under another family schema: parse the JSONL instead
     names = list(read_schema.names if columns is None else columns)
     try:  # no column asked: read the smallest one for the row count
@@ -691,7 +720,9 @@ def _mirror_table(pf: pq.ParquetFile, meta: Mapping, read_schema: pa.Schema,
         return None
     if not names:
         return t.replace_schema_metadata(None).select([])  # (this order keeps num_rows)
-    return t.cast(pa.schema([read_schema.field(c) for c in names])).replace_schema_metadata(None)
+    target = [fschema.field(c).with_nullable(True) if dictionary and pa.types.is_dictionary(fschema.field(c).type)
+              else read_schema.field(c) for c in names]
+    return t.cast(pa.schema(target)).replace_schema_metadata(None)
 
 
 def _buffer_sha256(buf: Any) -> str:
@@ -710,15 +741,27 @@ def _stat_key(path: Path, st: os.stat_result, start: int, end: int) -> tuple:
     return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, start, end)
 
 
-def _range_sha256(path: Path, st: os.stat_result | None, buf: Any, start: int, end: int) -> str:
+def _range_sha256(path: Path, st: os.stat_result | None, buf: Any, start: int, end: int,
+                  wait_pending: bool = True) -> str:
     """sha256 of ``buf[start:end]`` (bytes of ``path`` as stat-ed in ``st`` before ``buf`` was mapped;
-    ``st=None``: no cache)."""
+    ``st=None``: no cache). A digest of the same stat key being computed by :func:`prefetch_digests` is waited
+    for instead of computed again."""
     if st is None:
         return _buffer_sha256(buf.slice(start, end - start))
     key = _stat_key(path, st, start, end)
     got = _VERIFIED.get(key)
     if got is not None:
+        if wait_pending:
+            _PENDING.pop(key, None)  # its result is this very entry
         return got
+    fut = _PENDING.pop(key, None) if wait_pending else None
+    if fut is not None:
+        try:
+            got = fut.result()
+        except Exception:  # noqa: BLE001 - e.g. the file vanished: hash it here (and fail here) as before
+            got = None
+        if got:
+            return got
     settled = time.time_ns() - st.st_ctime_ns > _SETTLED_NS
     digest = _buffer_sha256(buf.slice(start, end - start))
     if settled:
@@ -733,15 +776,68 @@ def _file_sha256(path: Path, st: os.stat_result) -> str:
         return hashlib.sha256(b"").hexdigest()
     key = _stat_key(path, st, 0, st.st_size)
     if key in _VERIFIED:
+        _PENDING.pop(key, None)  # its result is this very entry
         return _VERIFIED[key]
+    return _mapped_range_sha256(path, st, 0, st.st_size)
+
+
+def _mapped_range_sha256(path: Path, st: os.stat_result, start: int, end: int, wait_pending: bool = True) -> str:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         if mm.size() != st.st_size:
             return ""
         with memoryview(mm) as view:
-            return _range_sha256(path, st, pa.py_buffer(view), 0, st.st_size)
+            return _range_sha256(path, st, pa.py_buffer(view), start, end, wait_pending)
 
 
-def _read_event_mirror(jsonl: Path, read_schema: pa.Schema, columns: Sequence[str] | None) -> pa.Table | None:
+# Digests being computed in the background (prefetch_digests), by stat key. Only settled files are submitted
+# (same rule as _VERIFIED), so a later change of the file gives another key and the result is never used for it.
+_PENDING: dict[tuple, Any] = {}
+_POOL: list = []
+
+
+def _prefetch_pool() -> ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnglog-sha256"))
+    return _POOL[0]
+
+
+def prefetch_digests(data_root: str | Path, ids: Any, families: Iterable[str], config: Mapping | None = None,
+                     trace: bool = True) -> int:
+    """Start hashing (one background thread; hashlib releases the GIL) the event parts of ``families`` and the
+    trace byte ranges whose mirrors a later :func:`read_events` / :func:`read_trace` of this process will verify;
+    that read then waits for the digest instead of hashing again. For a validator that has other work to do
+    meanwhile. Only files whose ctime is more than 2 s old are prefetched (others are hashed when read, as
+    before). Returns the number of ranges submitted."""
+    jobs: list[tuple[Path, os.stat_result, int, int]] = []
+    for fam in families:
+        d = event_dir(data_root, ids, fam, config)
+        for p in (sorted(d.glob("part-*.jsonl")) if d.is_dir() else []):
+            if _mirror_meta(mirror_path(p)) is not None:
+                with contextlib.suppress(OSError):
+                    st = p.stat()
+                    jobs.append((p, st, 0, st.st_size))
+    tp = trace_path(data_root, ids, config)
+    if trace and tp.exists():
+        with contextlib.suppress(OSError):
+            st = tp.stat()
+            for start, end, _sha, _pf, _meta in _trace_segments(tp):
+                if 0 <= start < end <= st.st_size:
+                    jobs.append((tp, st, start, end))
+    n = 0
+    now = time.time_ns()
+    for path, st, start, end in jobs:
+        if st.st_size == 0 or now - st.st_ctime_ns <= _SETTLED_NS:
+            continue
+        key = _stat_key(path, st, start, end)
+        if key in _VERIFIED or key in _PENDING:
+            continue
+        _PENDING[key] = _prefetch_pool().submit(_mapped_range_sha256, path, st, start, end, False)
+        n += 1
+    return n
+
+
+def _read_event_mirror(jsonl: Path, read_schema: pa.Schema, columns: Sequence[str] | None,
+                       dictionary: bool = False) -> pa.Table | None:
     """The mirror of one event part when it still mirrors the part's exact bytes, else None."""
     got = _mirror_meta(mirror_path(jsonl))
     if got is None:
@@ -753,7 +849,7 @@ def _read_event_mirror(jsonl: Path, read_schema: pa.Schema, columns: Sequence[st
         return None
     if meta.get("size") != st.st_size or meta.get("sha256") != _file_sha256(jsonl, st):
         return None
-    return _mirror_table(pf, meta, read_schema, columns)
+    return _mirror_table(pf, meta, read_schema, columns, dictionary)
 
 
 def _trace_segments(path: Path) -> list[tuple[int, int, str, pq.ParquetFile, dict]]:
@@ -985,11 +1081,21 @@ class RngLogs:
     def discard(self) -> None:
         self._batches = []
 
-    def close(self) -> dict:
-        """Write queued events (one file per family and part) and rewrite the trace; returns a summary."""
+    def close(self, progress: Any = None, alongside: Any = None) -> dict:
+        """Write queued events (one file per family and part) and rewrite the trace; returns a summary.
+        ``progress``: an :class:`engine.core.progress.Progress` advanced by the lines written (events, then
+        trace rows; logs only). ``alongside``: a callable run in a helper thread once every check of this
+        close passed (audit row present, trace totals within u64), while the lines are written -- a state
+        publishes its dataset there instead of after the logs (at 10^6 events the writes wait on the disk);
+        close waits for it and raises its error (after the logs are complete). Should writing the lines fail
+        (I/O), what ``alongside`` published stays: the state fails, and Snakemake removes a failed job's
+        outputs."""
         batches, self._batches = self._batches, []
+        on_rows = None if progress is None else progress.advance
         ts = utc_now()  # one ts_utc per close, for every event and trace row it writes
         if not batches:
+            if alongside is not None:
+                alongside()
             return {"ts_utc": ts, "events": {}, "trace_keys": []}
         if not self.audit_exists():
             raise RngError("E_RNG_AUDIT_MISSING", "no rng_audit_log row for this run", path=self.audit_path)
@@ -1030,24 +1136,37 @@ class RngLogs:
         for b in batches:
             groups.setdefault((b.family, b.part), []).append(b)
         summary: dict[str, dict] = {}
-        for (family, part), bs in groups.items():
-            path = self.event_dir(family) / f"part-{part:05d}.jsonl"
-            for b in bs:
-                b.plan.const("ts_utc", ts)
-            mpath = mirror_path(path)
-            with contextlib.suppress(FileNotFoundError):
-                mpath.unlink()  # never leave the previous run's mirror beside the new part
-            h = hashlib.sha256()
-            size = _atomic_write(path, (c for b in bs for c in b.plan.chunks()), hasher=h)
-            fschema = _file_schema(bs[0].read_schema)
-            _write_mirror(mpath, fschema, (self._event_table(b, ts, fschema) for b in bs),
-                          {"size": size, "sha256": h.hexdigest(), "rows": sum(b.n for b in bs), "family": family})
-            s = summary.setdefault(family, {"events": 0, "parts": []})
-            s["events"] += sum(b.n for b in bs)
-            s["parts"].append(path.name)
-        # trace (after the events are durable): one cumulative row per event, appended; a key already in the
-        # trace (a re-run) makes the writer drop that key's rows instead, rewriting the file
-        self._write_trace(keys, batches, trace_plans, trace_tot, ts)
+        # a part's mirror is encoded and written in the background while the next part and the trace are
+        # rendered and written (at 10^6 events the JSONL writes wait on the disk, the mirror is mostly CPU)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnglog-alongside") as side, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnglog-mirror") as mirrors:
+            beside = side.submit(alongside) if alongside is not None else None
+            pending = []
+            for (family, part), bs in groups.items():
+                path = self.event_dir(family) / f"part-{part:05d}.jsonl"
+                for b in bs:
+                    b.plan.const("ts_utc", ts)
+                mpath = mirror_path(path)
+                with contextlib.suppress(FileNotFoundError):
+                    mpath.unlink()  # never leave the previous run's mirror beside the new part
+                h = hashlib.sha256()
+                size = _atomic_write(path, (c for b in bs for c in b.plan.chunks(on_rows)), hasher=h)
+                fschema = _file_schema(bs[0].read_schema)
+                pending.append(mirrors.submit(
+                    _write_mirror, mpath, fschema, [self._event_table(b, ts, fschema) for b in bs],
+                    {"size": size, "sha256": h.hexdigest(), "rows": sum(b.n for b in bs), "family": family}))
+                s = summary.setdefault(family, {"events": 0, "parts": []})
+                s["events"] += sum(b.n for b in bs)
+                s["parts"].append(path.name)
+            # trace (after the events are durable): one cumulative row per event, appended; a key already in the
+            # trace (a re-run) makes the writer drop that key's rows instead, rewriting the file
+            self._write_trace(keys, batches, trace_plans, trace_tot, ts, on_rows)
+            for fut in pending:
+                fut.result()
+            if beside is not None:
+                beside.result()
+        if progress is not None:
+            progress.finish()
         return {"ts_utc": ts, "events": summary, "trace_keys": [list(k) for k in keys]}
 
     def _event_table(self, b: _Batch, ts: str, fschema: pa.Schema) -> pa.Table:
@@ -1072,7 +1191,7 @@ class RngLogs:
         return pa.Table.from_arrays(cols, schema=fschema)
 
     def _write_trace(self, keys: list[tuple[str, str]], batches: list[_Batch], plans: list[_Plan],
-                     tot: list[tuple[np.ndarray, np.ndarray, np.ndarray]], ts: str) -> None:
+                     tot: list[tuple[np.ndarray, np.ndarray, np.ndarray]], ts: str, on_rows: Any = None) -> None:
         path = self.trace_path
         tschema = _nullable(arrow_schema(load_schema(TRACE_SCHEMA_REF)))
         fschema = _file_schema(tschema)
@@ -1088,7 +1207,7 @@ class RngLogs:
                     [_const_array(env[f.name], f.type, b.n) if f.name in env else pa.array(arrs[f.name], f.type)
                      for f in fschema], schema=fschema)
 
-        chunks = (c for p in plans for c in p.chunks())
+        chunks = (c for p in plans for c in p.chunks(on_rows))
         h = hashlib.sha256()
         kept_table = None
         with _locked(path):
@@ -1295,14 +1414,16 @@ def _check_source(source: str) -> None:
 
 
 def read_events(data_root: str | Path, ids: Any, family: str, columns: Sequence[str] | None = None,
-                config: Mapping | None = None, with_source: bool = False, source: str = "auto") -> pa.Table:
+                config: Mapping | None = None, with_source: bool = False, source: str = "auto",
+                dictionary: bool = False) -> pa.Table:
     """Events of one family for one run as an Arrow table (explicit schema from the family schema: u64
     exact, floats bit-exact), parts concatenated in part order. ``with_source`` adds ``_part`` (file name)
     and ``_line`` (0-based line in the part). No event file -> an empty table.
 
     ``source="auto"`` reads a part's columnar mirror when it still mirrors the part's exact bytes (size and
     sha256 recorded at writing), else parses the JSONL; ``source="jsonl"`` always parses the JSONL. Both give
-    the same table (``tests/test_rnglog.py`` holds the writer to that)."""
+    the same table (``tests/test_rnglog.py`` holds the writer to that). ``dictionary=True`` lets string columns
+    of a mirror stay dictionary-encoded as stored (same values; the checks below accept both forms)."""
     _check_source(source)
     d = _dict_for(ids, config)
     schema = arrow_schema(load_schema(d.schema_ref("rng_event", family=family)))
@@ -1316,7 +1437,7 @@ def read_events(data_root: str | Path, ids: Any, family: str, columns: Sequence[
     want = None if columns is None else [c for c in columns if c in schema.names]
     tables = []
     for p in parts:
-        t = _read_event_mirror(p, read_schema, want) if source == "auto" else None
+        t = _read_event_mirror(p, read_schema, want, dictionary) if source == "auto" else None
         if t is None:
             t = _read_jsonl(p, schema).select(schema.names if want is None else want)
         if with_source:
@@ -1329,10 +1450,21 @@ def read_events(data_root: str | Path, ids: Any, family: str, columns: Sequence[
             empty = empty.append(pa.field("_part", pa.string())).append(pa.field("_line", pa.int64()))
         t = empty.empty_table()
     else:
+        if len(tables) > 1 and any(x.schema != tables[0].schema for x in tables[1:]):
+            tables = [plain_strings(x) for x in tables]  # a mirrored part and a parsed one: one schema
         t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     if columns is not None:
         t = t.select(list(columns))
     return t
+
+
+def plain_strings(t: pa.Table) -> pa.Table:
+    """``t`` with dictionary columns decoded to their value type (a table read with ``dictionary=True`` as
+    Arrow kernels without dictionary support need it)."""
+    if not any(pa.types.is_dictionary(f.type) for f in t.schema):
+        return t
+    return t.cast(pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
+                             for f in t.schema]))
 
 
 def _parse_trace_bytes(buf: pa.Buffer, schema: pa.Schema, path: Path) -> pa.Table:
@@ -1345,16 +1477,18 @@ def _parse_trace_bytes(buf: pa.Buffer, schema: pa.Schema, path: Path) -> pa.Tabl
         raise RngError("E_SCHEMA_INVALID", f"JSON lines do not fit the schema: {exc}", path=path) from None
 
 
-def read_trace(data_root: str | Path, ids: Any, config: Mapping | None = None, source: str = "auto") -> pa.Table:
+def read_trace(data_root: str | Path, ids: Any, config: Mapping | None = None, source: str = "auto",
+               dictionary: bool = False) -> pa.Table:
     """The run's trace rows (file order), u64 exact; a missing file gives an empty table.
 
     ``source="auto"``: byte ranges of the file covered by a mirror segment whose sha256 still matches are
-    read from the segment, the rest is parsed; ``source="jsonl"`` parses the whole file."""
+    read from the segment, the rest is parsed; ``source="jsonl"`` parses the whole file. ``dictionary`` as in
+    :func:`read_events`."""
     _check_source(source)
-    return _read_trace_file(trace_path(data_root, ids, config), source)
+    return _read_trace_file(trace_path(data_root, ids, config), source, dictionary)
 
 
-def _read_trace_file(path: Path, source: str = "auto") -> pa.Table:
+def _read_trace_file(path: Path, source: str = "auto", dictionary: bool = False) -> pa.Table:
     schema = arrow_schema(load_schema(TRACE_SCHEMA_REF))
     read_schema = _nullable(schema)
     if not path.exists() or path.stat().st_size == 0:
@@ -1375,7 +1509,7 @@ def _read_trace_file(path: Path, source: str = "auto") -> pa.Table:
                 continue
             if _range_sha256(path, st, buf, start, end) != sha:
                 continue
-            t = _mirror_table(pf, meta, read_schema, None)
+            t = _mirror_table(pf, meta, read_schema, None, dictionary)
             if t is None:
                 continue
             if start > pos:
@@ -1384,6 +1518,8 @@ def _read_trace_file(path: Path, source: str = "auto") -> pa.Table:
             pos = end
         if pos < size:
             pieces.append(_parse_trace_bytes(buf.slice(pos, size - pos), schema, path))
+        if len(pieces) > 1 and any(x.schema != pieces[0].schema for x in pieces[1:]):
+            pieces = [plain_strings(x) for x in pieces]
         return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
 
 
@@ -1466,19 +1602,93 @@ def _bool(arr: Any) -> np.ndarray:
     return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
+def _col_codes(col: Any) -> tuple[np.ndarray, list]:
+    """(int64 code per row, -1 for null; the distinct values, ``values[code]``) of a string column, plain or
+    dictionary-encoded (as a mirror stores it): checks evaluate a predicate once per distinct value and gather
+    it by code, instead of comparing or joining strings row by row."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    values: list = []
+    index: dict = {}
+    out = np.empty(sum(len(c) for c in chunks), np.int64)
+    pos = 0
+    for ch in chunks:
+        n = len(ch)
+        if n == 0:
+            continue
+        if not pa.types.is_dictionary(ch.type):
+            ch = pc.dictionary_encode(ch)
+        remap = []
+        for v in ch.dictionary.to_pylist():
+            if v is None:
+                remap.append(-1)
+            else:
+                if v not in index:
+                    index[v] = len(values)
+                    values.append(v)
+                remap.append(index[v])
+        remap_arr = np.array(remap + [-1], np.int64)  # index -1 (a null index) -> code -1
+        idx = np.asarray(pc.fill_null(ch.indices, -1).to_numpy(zero_copy_only=False), np.int64)
+        out[pos:pos + n] = remap_arr[idx]
+        pos += n
+    return out, values
+
+
+def _gather(codes: np.ndarray, per_value: list) -> np.ndarray:
+    """``per_value[code]`` per row, a null code giving the last entry of ``per_value + [null_value]``."""
+    return np.asarray(per_value)[codes]
+
+
+def _eq_const(col: Any, value: Any) -> np.ndarray:
+    """Row mask of ``col == value`` (a null is not equal), for a plain or dictionary-encoded string column."""
+    codes, vals = _col_codes(col)
+    return _gather(codes, [v == value for v in vals] + [False])
+
+
+_DRAWS_RE = re.compile(r"0|[1-9][0-9]{0,19}")
+_U64_MAX = int(np.iinfo(np.uint64).max)
+
+
 def parse_draws(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(draws as u64, mask of rows whose draws is not a canonical decimal u64 string)."""
-    d = table["draws"]
-    bad = ~_bool(pc.match_substring_regex(d, r"^(0|[1-9][0-9]{0,19})$"))
-    clean = pc.if_else(pa.array(bad), "0", pc.fill_null(d, "0"))
-    try:
-        vals = np.asarray(pc.cast(clean, pa.uint64()).to_numpy(zero_copy_only=False), dtype=np.uint64)
-    except pa.ArrowInvalid:  # > u64 (e.g. 20 digits above 2^64-1)
-        py = [int(x) for x in clean.to_pylist()]
-        over = np.array([x > int(np.iinfo(np.uint64).max) for x in py], dtype=bool)
-        bad |= over
-        vals = np.array([0 if o else x for x, o in zip(py, over.tolist())], dtype=np.uint64)
-    return vals, bad
+    """(draws as u64, mask of rows whose draws is not a canonical decimal u64 string), evaluated once per distinct
+    value (plain or dictionary-encoded column; a null is not canonical and counts 0)."""
+    codes, vals = _col_codes(table["draws"])
+    num, bad = [], []
+    for v in vals:
+        ok = isinstance(v, str) and _DRAWS_RE.fullmatch(v) is not None and int(v) <= _U64_MAX
+        num.append(int(v) if ok else 0)
+        bad.append(not ok)
+    return (np.array(num + [0], dtype=np.uint64)[codes], np.array(bad + [True], dtype=bool)[codes])
+
+
+def _pair_codes(table: pa.Table, a: str = "module", b: str = "substream_label") -> tuple[np.ndarray, list]:
+    """(code per row, -1 when either is null; the distinct (a, b) pairs by code) of two string columns."""
+    ca, va = _col_codes(table[a])
+    cb, vb = _col_codes(table[b])
+    nb = max(len(vb), 1)
+    space = len(va) * nb
+    flat = np.where((ca >= 0) & (cb >= 0), ca * nb + cb, space)  # the last slot: a null in either
+    if space <= 4 * flat.shape[0] + 1024:  # the usual case, a handful of pairs: O(n) without a sort
+        used = np.flatnonzero(np.bincount(flat, minlength=space + 1)[:-1])
+        remap = np.full(space + 1, -1, np.int64)
+        remap[used] = np.arange(used.shape[0], dtype=np.int64)
+        codes = remap[flat]
+    else:
+        valid = flat < space
+        used, inv = np.unique(flat[valid], return_inverse=True)
+        codes = np.full(flat.shape[0], -1, np.int64)
+        codes[valid] = inv.ravel()
+    return codes, [(va[int(u) // nb], vb[int(u) % nb]) for u in used.tolist()]
+
+
+def stream_rows(table: pa.Table, module: str, label: str) -> np.ndarray:
+    """Indices (ascending) of the rows of ``table`` (events or trace, plain or dictionary strings) whose
+    (module, substream_label) is (``module``, ``label``)."""
+    if table.num_rows == 0:
+        return np.zeros(0, np.int64)
+    codes, pairs = _pair_codes(table)
+    if (module, label) not in pairs:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(codes == pairs.index((module, label)))
 
 
 def check_events(table: pa.Table, family: str, spec: Mapping, ids: Any | None = None) -> list[dict]:
@@ -1488,9 +1698,9 @@ def check_events(table: pa.Table, family: str, spec: Mapping, ids: Any | None = 
     if table.num_rows == 0:
         return out
     streams = spec.get("streams") or []
-    pairs = pa.array([f"{s['module']}\x00{s['substream_label']}" for s in streams], type=pa.string())
-    combo = pc.binary_join_element_wise(table["module"], table["substream_label"], "\x00")
-    unreg = ~_bool(pc.is_in(combo, value_set=pairs))
+    registered = {(s["module"], s["substream_label"]) for s in streams}
+    pcodes, pairs = _pair_codes(table)
+    unreg = ~_gather(pcodes, [p in registered for p in pairs] + [False])
     if unreg.any():
         out.append(_failure("E_SCHEMA_INVALID", family, "module/substream_label is not a registered stream of "
                             f"{family}: {streams}", table, unreg))
@@ -1498,16 +1708,15 @@ def check_events(table: pa.Table, family: str, spec: Mapping, ids: Any | None = 
         for s in streams:
             if "context" not in s:
                 continue
-            m = _bool(pc.and_(pc.equal(table["module"], s["module"]),
-                              pc.equal(table["substream_label"], s["substream_label"])))
-            badctx = m & ~_bool(pc.equal(table["context"], s["context"]))
+            m = _gather(pcodes, [p == (s["module"], s["substream_label"]) for p in pairs] + [False])
+            badctx = m & ~_eq_const(table["context"], s["context"])
             if badctx.any():
                 out.append(_failure("E_SCHEMA_INVALID", family, f"context must be {s['context']!r} for "
                                     f"({s['module']}, {s['substream_label']})", table, badctx))
     if ids is not None:
         for col, want in (("run_id", ids.run_id), ("parameter_hash", ids.parameter_hash),
                           ("manifest_fingerprint", ids.manifest_fingerprint)):
-            bad = ~_bool(pc.equal(table[col], want))
+            bad = ~_eq_const(table[col], want)
             if bad.any():
                 out.append(_failure("E_PATH_EMBED_MISMATCH", family, f"{col} differs from the run's {want}",
                                     table, bad))
@@ -1546,13 +1755,57 @@ def check_events(table: pa.Table, family: str, spec: Mapping, ids: Any | None = 
     return out
 
 
+def _orderable(col: Any) -> np.ndarray | None:
+    """A numpy array ordering rows as ``col`` does (strings by rank of value), or None (nulls, other types)."""
+    if col.null_count:
+        return None
+    t = col.type
+    if pa.types.is_dictionary(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
+        codes, vals = _col_codes(col)
+        rank = np.empty(len(vals), np.int64)
+        rank[np.argsort(np.array(vals, dtype=object), kind="stable")] = np.arange(len(vals), dtype=np.int64)
+        return rank[codes]
+    if pa.types.is_integer(t):
+        return np.asarray(col.to_numpy(zero_copy_only=False))
+    return None
+
+
+def _chains_clean(table: pa.Table, keys: Sequence[str]) -> bool:
+    """True when every substream chains, proved without a sort: the consuming events are in non-decreasing
+    (module, substream_label, *keys) order in file order -- so each substream's events form one contiguous run
+    in file order, exactly the order the sort in :func:`check_chains` produces -- and adjacent events of a run
+    chain. False means "not proved" (unsorted file, nulls, or a broken chain): the caller runs the sort."""
+    blocks = _np(table, "blocks")
+    rows = np.flatnonzero(blocks > 0)
+    if rows.size < 2:
+        return True
+    eq = np.ones(rows.size - 1, dtype=bool)
+    for k in ("module", "substream_label", *keys):
+        x = _orderable(table[k])
+        if x is None:
+            return False
+        x = x[rows]
+        nxt, prev = x[1:], x[:-1]
+        if (eq & (nxt < prev)).any():
+            return False
+        eq &= nxt == prev
+    ah, al = _np(table, "rng_counter_after_hi")[rows], _np(table, "rng_counter_after_lo")[rows]
+    bh, bl = _np(table, "rng_counter_before_hi")[rows], _np(table, "rng_counter_before_lo")[rows]
+    return not (eq & ((ah[:-1] != bh[1:]) | (al[:-1] != bl[1:]))).any()
+
+
 def check_chains(table: pa.Table, family: str, spec: Mapping) -> list[dict]:
     """Within one keyed substream ((module, substream_label) + the family's ``stream_key`` columns), consecutive
-    consuming events (blocks > 0, in file order) must chain: after of one == before of the next."""
+    consuming events (blocks > 0, in file order) must chain: after of one == before of the next.
+
+    Writers emit events grouped by substream, so :func:`_chains_clean` usually proves a clean table in one pass;
+    otherwise (or to report a break) the events are sorted by (stream, file row) and compared pairwise."""
     if table.num_rows < 2:
         return []
     keys = [k for k in (spec.get("stream_key") or []) if k in table.column_names]
-    t = table.append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    if _chains_clean(table, keys):
+        return []
+    t = plain_strings(table).append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     t = t.filter(pc.greater(pc.fill_null(t["blocks"], 0), pa.scalar(0, pa.uint64())))
     if t.num_rows < 2:
         return []
@@ -1575,16 +1828,31 @@ def check_chains(table: pa.Table, family: str, spec: Mapping) -> list[dict]:
 
 def _final_trace_row(sub: pa.Table) -> dict:
     """Final row of one key: max events_total, then latest ts_utc, then max after counter (00-core 3.7)."""
+    sub = plain_strings(sub)
     idx = pc.sort_indices(sub, sort_keys=[("events_total", "descending"), ("ts_utc", "descending"),
                                           ("rng_counter_after_hi", "descending"),
                                           ("rng_counter_after_lo", "descending")])
     return sub.take(idx.slice(0, 1)).to_pylist()[0]
 
 
+def _final_trace_row_of(trace: pa.Table, rows: np.ndarray, events_total: np.ndarray | None) -> dict:
+    """:func:`_final_trace_row` of ``trace`` rows ``rows``: the row of the unique largest ``events_total``
+    directly (``events_total`` = that column as u64, None when it has nulls), the full sort on a tie."""
+    if events_total is not None and rows.size:
+        ev = events_total[rows]
+        top = rows[ev == ev.max()]
+        if top.size == 1:
+            return plain_strings(trace.slice(int(top[0]), 1)).to_pylist()[0]
+    return _final_trace_row(trace.take(pa.array(rows, pa.int64())))
+
+
 def reconcile(data_root: str | Path, ids: Any, families: Iterable[str] | None = None, chain: bool = False,
-              config: Mapping | None = None, source: str = "auto") -> list[dict]:
+              config: Mapping | None = None, source: str = "auto", events: Mapping[str, pa.Table] | None = None,
+              trace: pa.Table | None = None) -> list[dict]:
     """Events vs trace vs audit for one run (see module docstring). Returns failure dicts (empty = clean).
-    ``source`` as in :func:`read_events` (``"jsonl"``: parse every log file, ignoring the mirrors)."""
+    ``source`` as in :func:`read_events` (``"jsonl"``: parse every log file, ignoring the mirrors).
+    ``events`` (family -> table as :func:`read_events` with ``with_source=True`` gives it) and ``trace`` let a
+    caller that already read them pass them in instead of reading again (same results)."""
     d = _dict_for(ids, config)
     table = d.families()
     if families is None:
@@ -1607,11 +1875,14 @@ def reconcile(data_root: str | Path, ids: Any, families: Iterable[str] | None = 
     key_family: dict[tuple[str, str], str] = {}
     for fam in wanted:
         spec = table[fam]
-        try:
-            ev = read_events(data_root, ids, fam, config=config, with_source=True, source=source)
-        except RngError as exc:  # a line that does not fit the family schema: report, keep checking others
-            failures.append(_failure(exc.code, fam, exc.message, path=exc.path))
-            continue
+        ev = (events or {}).get(fam)
+        if ev is None:
+            try:
+                ev = read_events(data_root, ids, fam, config=config, with_source=True, source=source,
+                                 dictionary=True)
+            except RngError as exc:  # a line that does not fit the family schema: report, keep checking others
+                failures.append(_failure(exc.code, fam, exc.message, path=exc.path))
+                continue
         failures += check_events(ev, fam, spec, ids)
         if chain:
             failures += check_chains(ev, fam, spec)
@@ -1621,52 +1892,45 @@ def reconcile(data_root: str | Path, ids: Any, families: Iterable[str] | None = 
             continue
         draws, _ = parse_draws(ev)
         blocks = _np(ev, "blocks")
-        combo = pc.binary_join_element_wise(ev["module"], ev["substream_label"], "\x00")
-        for key_str in pc.unique(pc.drop_null(combo)).to_pylist():
-            m, _, l = key_str.partition("\x00")
-            mask = _bool(pc.equal(combo, key_str))
+        pcodes, pairs = _pair_codes(ev)
+        for k, (m, l) in enumerate(pairs):
+            mask = pcodes == k
             acc = sums.setdefault((m, l), [0, 0, 0])
             acc[0] += int(mask.sum())
             acc[1] += exact_sum(blocks[mask])
             acc[2] += exact_sum(draws[mask])
             key_family.setdefault((m, l), fam)
-    try:
-        trace = read_trace(data_root, ids, config, source=source)
-    except RngError as exc:
-        failures.append(_failure(exc.code, None, exc.message, path=exc.path))
-        return failures
+    if trace is None:
+        try:
+            trace = read_trace(data_root, ids, config, source=source, dictionary=True)
+        except RngError as exc:
+            failures.append(_failure(exc.code, None, exc.message, path=exc.path))
+            return failures
     if trace.num_rows:
         for col, want in (("run_id", ids.run_id),):
-            bad = ~_bool(pc.equal(trace[col], want))
+            bad = ~_eq_const(trace[col], want)
             if bad.any():
                 failures.append(_failure("E_PATH_EMBED_MISMATCH", None, f"trace {col} differs from {want}",
                                          trace, bad))
         bad = ~_bool(pc.equal(trace["seed"], pa.scalar(int(ids.seed), pa.uint64())))
         if bad.any():
             failures.append(_failure("E_PATH_EMBED_MISMATCH", None, f"trace seed differs from {ids.seed}", trace, bad))
-    tcombo = (pc.binary_join_element_wise(trace["module"], trace["substream_label"], "\x00")
-              if trace.num_rows else pa.array([], type=pa.string()))
+    tcodes, tpairs = _pair_codes(trace) if trace.num_rows else (np.zeros(0, np.int64), [])
     registered = {(s["module"], s["substream_label"]) for f in wanted for s in table[f]["streams"]}
-    trace_keys = set()
-    if trace.num_rows:
-        for key_str in pc.unique(pc.drop_null(tcombo)).to_pylist():
-            m, _, l = key_str.partition("\x00")
-            trace_keys.add((m, l))
+    trace_keys = set(tpairs)
+    t_events = (_np(trace, "events_total") if trace.num_rows and trace["events_total"].null_count == 0 else None)
     for key in sorted(set(sums) | (trace_keys & registered)):
         m, l = key
         fam = key_family.get(key)
         n_ev, s_bl, s_dr = sums.get(key, [0, 0, 0])
-        if key in trace_keys:
-            sub = trace.filter(pc.equal(tcombo, f"{m}\x00{l}"))
-        else:
-            sub = trace.schema.empty_table()
-        if sub.num_rows != n_ev:
+        rows = np.flatnonzero(tcodes == tpairs.index(key)) if key in trace_keys else np.zeros(0, np.int64)
+        if rows.size != n_ev:
             failures.append(_failure("E_TRACE_COVERAGE_MISSING", fam,
-                                     f"trace has {sub.num_rows} rows for ({m}, {l}) but the events number {n_ev}",
-                                     module=m, label=l, trace_rows=sub.num_rows, events=n_ev))
-        if sub.num_rows == 0:
+                                     f"trace has {rows.size} rows for ({m}, {l}) but the events number {n_ev}",
+                                     module=m, label=l, trace_rows=int(rows.size), events=n_ev))
+        if rows.size == 0:
             continue
-        final = _final_trace_row(sub)
+        final = _final_trace_row_of(trace, rows, t_events)
         got = (final["events_total"], final["blocks_total"], final["draws_total"])
         if got != (n_ev, s_bl, s_dr):
             failures.append(_failure("E_TRACE_TOTALS_MISMATCH", fam,

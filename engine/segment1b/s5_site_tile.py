@@ -184,6 +184,7 @@ def compute(ctx) -> tuple[pa.Table, dict, dict]:
 
 def run(ctx) -> None:
     from engine.core import publish
+    from engine.core.progress import Progress
     from engine.core.rnglog import RngLogs
     from engine.core.schema import arrow_schema, validate_table
 
@@ -193,8 +194,13 @@ def run(ctx) -> None:
         raise ModelError("E506_SCHEMA_INVALID", "s5_site_tile_assignment does not match its schema", path=SCHEMA,
                          rows=problems)
     logs = RngLogs(ctx.data_root, SEGMENT, ctx.ids, ctx.config)
-    logs.add_events(FAMILY, MODULE, LABEL, events)
-    logs.close()
-    with publish.staged(ctx.path("s5_site_tile_assignment"), PUBLISH_CODE) as tmp:
-        # sites are generated in writer order (merchant_id, legal_country_iso, site_order)
-        publish.write_parquet(table, Path(tmp) / "part-00000.parquet", schema=arrow_schema(SCHEMA))
+    n = logs.add_events(FAMILY, MODULE, LABEL, events)
+
+    def publish_assignment() -> None:
+        with publish.staged(ctx.path("s5_site_tile_assignment"), PUBLISH_CODE) as tmp:
+            # sites are generated in writer order (merchant_id, legal_country_iso, site_order)
+            publish.write_parquet(table, Path(tmp) / "part-00000.parquet", schema=arrow_schema(SCHEMA))
+
+    # the dataset is published while the event and trace lines are written (once the logs' checks passed)
+    logs.close(progress=Progress("1B.S5", total=2 * n, unit="rng log lines (events + trace)"),
+               alongside=publish_assignment)

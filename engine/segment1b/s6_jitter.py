@@ -42,6 +42,7 @@ import shapely
 
 from engine.core import rng, samplers
 from engine.core.errors import InputError, ModelError
+from engine.core.progress import Progress
 
 SEGMENT = "1B"
 FAMILY = "in_cell_jitter"
@@ -209,13 +210,14 @@ def site_streams(M: bytes, merchant_id: np.ndarray, iso: np.ndarray, site_order:
 
 
 def jitter(key, hi, lo, bounds: dict, site_country: np.ndarray, shapes: dict, interior: np.ndarray,
-           policy: JitterPolicy) -> dict:
+           policy: JitterPolicy, progress=None) -> dict:
     """Attempt rounds over all sites. ``bounds``: per-site float arrays ``min_lon, max_lon, min_lat, max_lat,
     c_lon, c_lat``; ``site_country``: int code per site, ``shapes[code]`` its :class:`CountryShape`;
     ``interior``: per-site bool (tile rectangle inside the country's interior).
 
     Returns per-site ``delta_lon, delta_lat, lon, lat, attempts`` (0 = exhausted) and the events
-    (``site``, ``attempt``, counters, deltas, sigmas) ordered by (site, attempt).
+    (``site``, ``attempt``, counters, deltas, sigmas) ordered by (site, attempt). ``progress`` (optional
+    :class:`engine.core.progress.Progress`) is advanced by the sites accepted in each round (logs only).
     """
     n = np.asarray(key).shape[0]
     key = np.asarray(key, dtype=np.uint64)
@@ -255,6 +257,8 @@ def jitter(key, hi, lo, bounds: dict, site_country: np.ndarray, shapes: dict, in
                      ("delta_lat", dlat), ("sigma", sigma)):
             ev[k].append(v)
         acc = active[ok]
+        if progress is not None:
+            progress.advance(acc.size)
         res["delta_lon"][acc] = dlon[ok]
         res["delta_lat"][acc] = dlat[ok]
         res["lon"][acc] = qx[ok]
@@ -291,7 +295,8 @@ def site_bounds(bounds_dir: Path, labels: np.ndarray, site_code: np.ndarray, sit
     for c, sel in groups(site_code):
         t = read_country_table(bounds_dir, str(labels[c]), BOUNDS_COLUMNS)
         tid = np.asarray(t["tile_id"].to_numpy(), dtype=np.uint64) if t is not None else np.zeros(0, np.uint64)
-        order = np.argsort(tid, kind="stable")
+        # S1 writes tile_id order: the stable sort is then the identity
+        order = np.arange(tid.shape[0]) if bool((tid[1:] >= tid[:-1]).all()) else np.argsort(tid, kind="stable")
         tid_s = tid[order]
         want = site_tile[sel]
         pos = np.searchsorted(tid_s, want)
@@ -339,7 +344,7 @@ def compute(ctx) -> tuple[pa.Table, dict, dict]:
         if not sorted_by(mid, codes, so):
             raise InputError("E603_DUP_KEY", "s5_site_tile_assignment has duplicate site keys",
                              path=ctx.path("s5_site_tile_assignment"))
-    used = [str(labels[c]) for c in np.unique(codes).tolist()]
+    used = [str(labels[c]) for c in np.flatnonzero(np.bincount(codes, minlength=len(labels))).tolist()]
     all_shapes = spatial.load_world_countries(ctx.config["segment1b"]["inputs"]["world_countries"])
     missing = [c for c in used if c not in all_shapes]
     if missing:
@@ -350,14 +355,22 @@ def compute(ctx) -> tuple[pa.Table, dict, dict]:
     interior = site_interior(shapes, codes, tile, b)
     M = rng.master_material(SEGMENT, ctx.ids.fingerprint_bytes, ctx.ids.seed)
     key, hi, lo = site_streams(M, mid, labels[codes], so)
-    res = jitter(key, hi, lo, b, codes, shapes, interior, policy)
+    prog = Progress("1B.S6", total=mid.shape[0], unit="sites placed")
+    res = jitter(key, hi, lo, b, codes, shapes, interior, policy, progress=prog)
+    prog.finish()
     ev = res["events"]
     s = ev["site"].astype(np.int64)
     iso_site = pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32), pa.int32()), pa.array(list(labels)))
     ones = np.ones(s.shape[0], np.uint64)
+    sigma = ev["sigma"]
+    bits = sigma.view(np.uint64)
+    if sigma.size and bool((bits == bits[0]).all()):
+        # one value for every event (0.0 in the uniform lane): a constant renders the same text as the column
+        # would, without formatting millions of equal floats
+        sigma = float(sigma[0])
     events = {"merchant_id": mid[s], "legal_country_iso": iso_site.take(pa.array(s)).cast(pa.string()),
               "site_order": so[s], "delta_lat_deg": ev["delta_lat"], "delta_lon_deg": ev["delta_lon"],
-              "sigma_lat_deg": ev["sigma"], "sigma_lon_deg": ev["sigma"],
+              "sigma_lat_deg": sigma, "sigma_lon_deg": sigma,
               "before_hi": ev["before_hi"], "before_lo": ev["before_lo"], "after_hi": ev["after_hi"],
               "after_lo": ev["after_lo"], "blocks": ones, "draws": ones * np.uint64(2)}
     att = res["attempts"]
@@ -395,15 +408,21 @@ def run(ctx) -> None:
     from engine.core.schema import arrow_schema, validate_table
 
     table, events, report = compute(ctx)
+    problems = validate_table(table, SCHEMA) if table is not None else []
     logs = RngLogs(ctx.data_root, SEGMENT, ctx.ids, ctx.config)
-    logs.add_events(FAMILY, MODULE, LABEL, events)
-    logs.close()  # on E613 too: the attempts drawn stay as evidence (spec 1B 8 step 7)
+    n = logs.add_events(FAMILY, MODULE, LABEL, events)
+
+    def publish_jitter() -> None:
+        with publish.staged(ctx.path("s6_site_jitter"), PUBLISH_CODE) as tmp:
+            # rows in writer order (merchant_id, legal_country_iso, site_order)
+            publish.write_parquet(table, Path(tmp) / "part-00000.parquet", schema=arrow_schema(SCHEMA))
+
+    # on E613 / E612 too the logs are written: the attempts drawn stay as evidence (spec 1B 8 step 7); a valid
+    # table is published while the lines are written (once the logs' checks passed)
+    logs.close(progress=Progress("1B.S6", total=2 * n, unit="rng log lines (events + trace)"),
+               alongside=publish_jitter if table is not None and not problems else None)
     if table is None:
         raise report["failure"]
-    problems = validate_table(table, SCHEMA)
     if problems:
         raise ModelError("E612_DICT_SCHEMA_MISMATCH", "s6_site_jitter does not match its schema", path=SCHEMA,
                          rows=problems)
-    with publish.staged(ctx.path("s6_site_jitter"), PUBLISH_CODE) as tmp:
-        # rows in writer order (merchant_id, legal_country_iso, site_order)
-        publish.write_parquet(table, Path(tmp) / "part-00000.parquet", schema=arrow_schema(SCHEMA))

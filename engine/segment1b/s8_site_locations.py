@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from engine.core import dictionary, publish
 from engine.core.errors import EngineError, InputError
 from engine.core.schema import arrow_schema, validate_table
-from engine.segment1b.s7_synthesis import KEY, duplicate_keys, first_rows, schema_path, sort_by_key
+from engine.segment1b.s7_synthesis import KEY, duplicate_keys, first_rows, key_order, schema_path, sort_by_key
 
 EGRESS_COLUMNS = ("merchant_id", "legal_country_iso", "site_order", "lon_deg", "lat_deg")
 PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
@@ -37,6 +37,9 @@ def is_sorted(table: pa.Table, keys=KEY) -> tuple[bool, int]:
     sorted rows is the identity permutation."""
     if table.num_rows < 2:
         return True, -1
+    order = key_order(table, keys)
+    if order is not None and order[0]:
+        return True, -1  # non-decreasing keys: the stable sort is the identity (decided in one pass)
     idx = np.asarray(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys]).to_numpy())
     wrong = np.flatnonzero(idx != np.arange(table.num_rows))
     return (wrong.size == 0), (int(wrong[0]) if wrong.size else -1)

@@ -76,6 +76,7 @@ import pyarrow.parquet as pq
 from engine.core import bundle as bundle_mod
 from engine.core import dictionary, identities, rnglog
 from engine.core.errors import EngineError, GateError, ValidationFailure
+from engine.core.progress import Progress
 from engine.core.publish import canonical_json_bytes
 from engine.core.schema import arrow_schema, load_schema, validate_table
 from engine.segment1b.s7_synthesis import (
@@ -87,6 +88,8 @@ from engine.segment1b.s7_synthesis import (
     key_differences,
     keys_where,
     lookup_tile_bounds,
+    orderable,
+    same_keys,
     schema_path,
     sort_by_key,
     synthesise_coordinates,
@@ -261,10 +264,13 @@ def _parts(d: Path) -> tuple[list[Path], list[str]]:
     return parts, other
 
 
-def load_inputs(ctx, fails: _Failures) -> Inputs:
+def load_inputs(ctx, fails: _Failures, rng: bool = True) -> Inputs:
     """Read everything S9 checks; unreadable or missing inputs become failures, never exceptions (except the
-    reference polygons, whose absence is an environment error)."""
+    reference polygons, whose absence is an environment error). ``rng=False`` leaves the RNG logs to a later
+    :func:`load_rng_logs` (their hashing starts here, in the background)."""
     inp = Inputs()
+    # hash the RNG logs (GBs at 10^6 merchants) in the background while the datasets below are read and checked
+    rnglog.prefetch_digests(ctx.data_root, ctx.ids, list(FAMILIES), ctx.config)
     s7_dir = Path(ctx.path("s7_site_synthesis"))
     if s7_dir.is_dir():
         parts, _ = _parts(s7_dir)
@@ -299,22 +305,6 @@ def load_inputs(ctx, fails: _Failures) -> Inputs:
                 fails.add("E904_EGRESS_SCHEMA_VIOLATION", "A902", f"site_locations file {p.name} unreadable: {exc}")
             inp.egress_files.append((p.name, t, _sha256_file(p)))
 
-    for fam in FAMILIES:
-        try:
-            inp.events[fam] = rnglog.read_events(ctx.data_root, ctx.ids, fam, config=ctx.config)
-        except EngineError as exc:
-            inp.events[fam] = None
-            inp.event_errors[fam] = f"{exc.code}: {exc.message}"
-    try:
-        inp.reconcile = rnglog.reconcile(ctx.data_root, ctx.ids, families=list(FAMILIES), chain=True,
-                                         config=ctx.config)
-    except EngineError as exc:
-        inp.reconcile = [{"code": exc.code, "family": None, "detail": exc.message, "rows": exc.rows}]
-    try:
-        inp.trace = rnglog.read_trace(ctx.data_root, ctx.ids, ctx.config)
-    except EngineError:
-        inp.trace = None
-
     if inp.s7 is not None and inp.s7.num_rows:
         inp.bounds_found, inp.bounds = lookup_tile_bounds(
             ctx.path("tile_bounds"), inp.s7["legal_country_iso"],
@@ -322,7 +312,39 @@ def load_inputs(ctx, fails: _Failures) -> Inputs:
         from engine.segment1b import spatial
 
         inp.shapes = spatial.load_world_countries(ctx.config["segment1b"]["inputs"]["world_countries"])
+    if rng:
+        load_rng_logs(ctx, inp)
     return inp
+
+
+def load_rng_logs(ctx, inp: Inputs) -> None:
+    """The RNG part of :func:`load_inputs`: both event families and the trace, each read once (string columns
+    kept dictionary-encoded as the mirrors store them) and handed to :func:`engine.core.rnglog.reconcile`.
+    Unreadable files are recorded, never raised. Their mirrors' sha256 checks were started in the background
+    by :func:`load_inputs`; :func:`validate` calls this last, after the dataset checks, so the hashing of the
+    logs (GBs at 10^6 merchants) overlaps that work."""
+    progress = Progress("1B.S9", total=len(FAMILIES) + 1, unit="rng logs")
+    for fam in FAMILIES:
+        try:
+            inp.events[fam] = rnglog.read_events(ctx.data_root, ctx.ids, fam, config=ctx.config, with_source=True,
+                                                 dictionary=True)
+        except EngineError as exc:
+            inp.events[fam] = None
+            inp.event_errors[fam] = f"{exc.code}: {exc.message}"
+        progress.advance(1)
+    try:
+        inp.trace = rnglog.read_trace(ctx.data_root, ctx.ids, ctx.config, dictionary=True)
+    except EngineError:
+        inp.trace = None
+    progress.advance(1)
+    progress.finish()
+    try:
+        # what could not be read here (a file not fitting its schema) reconcile reads and reports itself
+        inp.reconcile = rnglog.reconcile(ctx.data_root, ctx.ids, families=list(FAMILIES), chain=True,
+                                         config=ctx.config, trace=inp.trace,
+                                         events={f: t for f, t in inp.events.items() if t is not None})
+    except EngineError as exc:
+        inp.reconcile = [{"code": exc.code, "family": None, "detail": exc.message, "rows": exc.rows}]
 
 
 # ====================================================================== checks
@@ -372,7 +394,29 @@ def _egress_checks(ctx, inp: Inputs, fails: _Failures) -> pa.Table | None:
     return pa.concat_tables(typed) if len(typed) > 1 else typed[0]
 
 
+def _parity_clean(s7: pa.Table, s8: pa.Table) -> dict | None:
+    """A901 without joins: when ``site_locations`` holds S7's keys row for row (both strictly increasing) with
+    S7's coordinates, every A901 check passes; returns the per-country sizes then, else None (the join path
+    runs and reports)."""
+    if s7.num_rows == 0 or not same_keys(s7.select(list(KEY)), s8.select(list(KEY)), KEY):
+        return None
+    for c in ("lon_deg", "lat_deg"):
+        a = np.asarray(s7[c].to_numpy(zero_copy_only=False), np.float64)
+        b = np.asarray(s8[c].to_numpy(zero_copy_only=False), np.float64)
+        if not (a == b).all():
+            return None
+    col = s7["legal_country_iso"]
+    enc = pc.dictionary_encode(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+    names = enc.dictionary.to_pylist()
+    counts = np.bincount(np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64), minlength=len(names))
+    return {iso: {"rows_s7": int(counts[k]), "rows_s8": int(counts[k]), "parity_ok": True}
+            for iso, k in sorted((names[k], k) for k in range(len(names)))}
+
+
 def _parity_checks(s7: pa.Table, s8: pa.Table, fails: _Failures) -> dict:
+    fast = _parity_clean(s7, s8)
+    if fast is not None:
+        return fast
     d = duplicate_keys(s8)
     if d.num_rows:
         fails.add("E903_DUP_KEY", "A901", "site_locations has duplicate site keys", rows=first_rows(d),
@@ -507,6 +551,55 @@ def _last_event_per_site(ev: pa.Table) -> pa.Table:
     return t.filter(pa.array(start))
 
 
+def _site_tile_clean(keys7: pa.Table, ev: pa.Table) -> bool:
+    """True when the site_tile_assign events hold exactly S7's site keys row for row (both strictly increasing,
+    so: one event per site, none for an unknown site) with S7's tile_id -- every A905 cardinality check of the
+    family passes, proved without joins. False: not proved, the join path runs and reports."""
+    k5 = ev.select([*KEY, "tile_id"])
+    if ev["tile_id"].null_count or keys7["tile_id"].null_count or not same_keys(keys7, k5):
+        return False
+    return bool(np.array_equal(np.asarray(keys7["tile_id"].to_numpy(zero_copy_only=False), np.uint64),
+                               np.asarray(k5["tile_id"].to_numpy(zero_copy_only=False), np.uint64)))
+
+
+def _jitter_clean(s7: pa.Table, ev: pa.Table, bounds: dict | None) -> bool:
+    """True when the in_cell_jitter events come in site-key order, their runs of equal keys are exactly S7's
+    sites (>= 1 event per site, none for an unknown site), each run's after-counters strictly increase (so its
+    last event is the accepted attempt :func:`_last_event_per_site` picks) and that event reproduces S7's
+    coordinates -- every A905 check of the family passes. False: not proved, the join path runs and reports."""
+    n = ev.num_rows
+    if n == 0:
+        return False
+    cols = [orderable(ev[k]) for k in KEY]
+    ah = ev["rng_counter_after_hi"]
+    al = ev["rng_counter_after_lo"]
+    if any(c is None for c in cols) or ah.null_count or al.null_count:
+        return False
+    same = np.ones(n - 1, dtype=bool)
+    for x in cols:
+        if (same & (x[1:] < x[:-1])).any():
+            return False
+        same &= x[1:] == x[:-1]
+    start = np.flatnonzero(np.concatenate([[True], ~same]))
+    if not same_keys(s7.select(list(KEY)), ev.select(list(KEY)).take(pa.array(start)), KEY):
+        return False
+    ah = np.asarray(ah.to_numpy(zero_copy_only=False), np.uint64)
+    al = np.asarray(al.to_numpy(zero_copy_only=False), np.uint64)
+    up = (ah[1:] > ah[:-1]) | ((ah[1:] == ah[:-1]) & (al[1:] > al[:-1]))
+    if (same & ~up).any():
+        return False
+    if bounds is None:
+        return True
+    last = pa.array(np.append(start[1:] - 1, n - 1))
+    dlon = np.asarray(ev["delta_lon_deg"].take(last).to_numpy(zero_copy_only=False), np.float64)
+    dlat = np.asarray(ev["delta_lat_deg"].take(last).to_numpy(zero_copy_only=False), np.float64)
+    lon, lat = synthesise_coordinates(bounds["centroid_lon_deg"], bounds["centroid_lat_deg"], dlon, dlat)
+    known = np.isfinite(bounds["centroid_lon_deg"])
+    lon7 = np.asarray(s7["lon_deg"].to_numpy(zero_copy_only=False), np.float64)
+    lat7 = np.asarray(s7["lat_deg"].to_numpy(zero_copy_only=False), np.float64)
+    return not (known & ~((lon == lon7) & (lat == lat7))).any()
+
+
 def _rng_checks(ctx, inp: Inputs, fails: _Failures) -> dict:
     """A905; returns the per-family summaries (s9_summary.rng.families, rng_accounting.json)."""
     code = "E907_RNG_BUDGET_OR_COUNTERS"
@@ -540,7 +633,11 @@ def _rng_checks(ctx, inp: Inputs, fails: _Failures) -> dict:
         keys7 = s7.select([*KEY, "tile_id"])
         # site_tile_assign: exactly one event per site, same tile
         ev = inp.events.get("site_tile_assign")
-        if ev is not None:
+        if ev is not None and _site_tile_clean(keys7, ev):
+            coverage["site_tile_assign"] = {"sites_total": s7.num_rows, "events_missing": 0, "events_extra": 0,
+                                            "events_duplicate": 0}
+        elif ev is not None:
+            ev = rnglog.plain_strings(ev)
             k5 = cast_keys(ev.select([*KEY, "tile_id"]), [*KEY, "tile_id"])
             dup = duplicate_keys(k5)
             missing, extra = key_differences(keys7, k5)
@@ -564,7 +661,11 @@ def _rng_checks(ctx, inp: Inputs, fails: _Failures) -> dict:
                                             "events_extra": extra.num_rows, "events_duplicate": dup.num_rows}
         # in_cell_jitter: >= 1 event per site; the last one is the accepted point
         ev = inp.events.get("in_cell_jitter")
-        if ev is not None:
+        if ev is not None and _jitter_clean(s7, ev, inp.bounds):
+            coverage["in_cell_jitter"] = {"sites_total": s7.num_rows, "sites_with_ge1_event": s7.num_rows,
+                                          "sites_with_0_event": 0, "events_extra": 0}
+        elif ev is not None:
+            ev = rnglog.plain_strings(ev)
             k6 = cast_keys(ev.select(list(KEY)))
             missing, extra = key_differences(keys7, k6)
             if missing.num_rows:
@@ -608,12 +709,13 @@ def _rng_checks(ctx, inp: Inputs, fails: _Failures) -> dict:
             dr = rnglog.exact_sum(rnglog.parse_draws(ev)[0])
         tt = None
         if trace is not None and trace.num_rows:
-            sub = trace.filter(pc.and_(pc.equal(trace["module"], module), pc.equal(trace["substream_label"], label)))
-            if sub.num_rows:
-                i = int(np.argmax(np.asarray(sub["events_total"].to_numpy(zero_copy_only=False), np.uint64)))
-                row = sub.slice(i, 1).to_pylist()[0]
-                tt = {"rows": sub.num_rows, "events_total": row["events_total"], "blocks_total": row["blocks_total"],
-                      "draws_total": str(row["draws_total"])}
+            rows = rnglog.stream_rows(trace, module, label)
+            if rows.size:
+                ev_tot = np.asarray(trace["events_total"].take(pa.array(rows)).to_numpy(zero_copy_only=False),
+                                    np.uint64)
+                row = trace.slice(int(rows[int(np.argmax(ev_tot))]), 1).to_pylist()[0]
+                tt = {"rows": int(rows.size), "events_total": row["events_total"],
+                      "blocks_total": row["blocks_total"], "draws_total": str(row["draws_total"])}
         cov = coverage.get(fam, {})
         cov_ok = bool(cov) and all(v == 0 for k, v in cov.items() if k not in ("sites_total", "sites_with_ge1_event"))
         families[fam] = {
@@ -645,7 +747,7 @@ def validate(ctx, log: StageLog | None = None) -> Result:
     ids = ctx.ids
     fails = _Failures(ctx.data_root)
     with _maybe_stage(log, "load_inputs") as extra:
-        inp = load_inputs(ctx, fails)
+        inp = load_inputs(ctx, fails, rng=False)
         extra.update(rows_s7=None if inp.s7 is None else inp.s7.num_rows, egress_files=len(inp.egress_files))
     with _maybe_stage(log, "validate") as extra:
         _identity_checks(ctx, fails)
@@ -665,6 +767,7 @@ def validate(ctx, log: StageLog | None = None) -> Result:
         geometry = {}
         if inp.s7 is not None and inp.s7.num_rows:
             geometry = _geometry_checks(inp, fails)
+        load_rng_logs(ctx, inp)  # adds no failure itself: _rng_checks reports what could not be read
         families = _rng_checks(ctx, inp, fails)
 
         s8_dir = Path(ctx.path("site_locations"))
