@@ -91,6 +91,8 @@ rule s1b_s3_requirements:
         requirements=directory(p1b("s3_requirements")),
     log:
         jlog("1B", "s3", IDS_1B),
+    benchmark:
+        bench("1B", "s3", IDS_1B)
     params:
         ctx=CTX_1B,
     shell:
@@ -158,6 +160,8 @@ rule s1b_s7_synthesis:
         synthesis=directory(p1b("s7_site_synthesis")),
     log:
         jlog("1B", "s7", IDS_1B),
+    benchmark:
+        bench("1B", "s7", IDS_1B)
     params:
         ctx=CTX_1B,
     shell:
@@ -172,6 +176,8 @@ rule s1b_s8_site_locations:
         sites=directory(p1b("site_locations")),
     log:
         jlog("1B", "s8", IDS_1B),
+    benchmark:
+        bench("1B", "s8", IDS_1B)
     params:
         ctx=CTX_1B,
     shell:
@@ -186,6 +192,8 @@ rule s1b_s9_validation:
         flag=FLAG_1B,
     log:
         jlog("1B", "s9", IDS_1B),
+    benchmark:
+        bench("1B", "s9", IDS_1B)
     params:
         ctx=CTX_1B,
     shell:
