@@ -40,6 +40,21 @@ def make_table(rows: int, out: Path) -> Path:
     return out
 
 
+def write_config(root: Path, table: Path, s2_policy: str | None = None) -> Path:
+    """The default config with absolute paths, the generated merchant table and optionally another S2 policy."""
+    cfg = yaml.safe_load(open(REPO / "config.yaml"))
+    cfg["segment1a"]["inputs"]["merchant_table"] = str(table)
+    for seg in ("segment1a", "segment1b"):
+        for sec in ("inputs", "parameters"):
+            for k, v in cfg[seg][sec].items():
+                cfg[seg][sec][k] = str(v if Path(v).is_absolute() else REPO / v)
+    if s2_policy:
+        cfg["segment1a"]["parameters"]["s2_validation_policy.yaml"] = str(Path(s2_policy).resolve())
+    cfg_path = root / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    return cfg_path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -51,14 +66,7 @@ def main() -> int:
     if root.exists():
         shutil.rmtree(root)
     table = make_table(a.rows, root / "input" / "merchants.parquet")
-    cfg = yaml.safe_load(open(REPO / "config.yaml"))
-    cfg["segment1a"]["inputs"]["merchant_table"] = str(table)
-    for seg in ("segment1a", "segment1b"):
-        for sec in ("inputs", "parameters"):
-            for k, v in cfg[seg][sec].items():
-                cfg[seg][sec][k] = str(v if Path(v).is_absolute() else REPO / v)
-    cfg_path = root / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
+    cfg_path = write_config(root, table)
     target = "segment1a" if a.target == "segment1a" else "all"
     t0 = time.perf_counter()
     rc = subprocess.run([sys.executable, "-m", "snakemake", target, "-s", str(REPO / "Snakefile"), "-d", str(root / "run"),

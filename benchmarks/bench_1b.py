@@ -55,21 +55,6 @@ def _bench_1a():
     return mod
 
 
-def write_config(root: Path, table: Path, s2_policy: str | None) -> Path:
-    """The default config with absolute paths and the generated merchant table (as bench_1a)."""
-    cfg = yaml.safe_load(open(REPO / "config.yaml"))
-    cfg["segment1a"]["inputs"]["merchant_table"] = str(table)
-    for seg in ("segment1a", "segment1b"):
-        for sec in ("inputs", "parameters"):
-            for k, v in cfg[seg][sec].items():
-                cfg[seg][sec][k] = str(v if Path(v).is_absolute() else REPO / v)
-    if s2_policy:
-        cfg["segment1a"]["parameters"]["s2_validation_policy.yaml"] = str(Path(s2_policy).resolve())
-    cfg_path = root / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    return cfg_path
-
-
 def ids_and_dictionary(cfg_path: Path, run: Path):
     """1B identities and dictionary of this root, resolved as the Snakefile does."""
     sys.path.insert(0, str(REPO))
@@ -182,7 +167,7 @@ def main() -> int:
         if root.exists():
             shutil.rmtree(root)
         table = _bench_1a().make_table(a.rows, root / "input" / "merchants.parquet")
-        cfg_path = write_config(root, table, a.s2_policy)
+        cfg_path = _bench_1a().write_config(root, table, a.s2_policy)
         rc, wall_1a = snakemake("segment1a", cfg_path, run, a.cores)
         if rc:
             print(f"1A failed (exit {rc}); if 1A S9 failed its S2 corridors, re-run with --s2-policy", file=sys.stderr)

@@ -133,12 +133,7 @@ class ProgressFollower:
                     value = value.split(" (check log", 1)[0]
                     blk.logs = [v.strip() for v in value.split(", ") if v.strip()]
                 return
-        if self._block is not None:
-            self._start(self._block)
-            self._block = None
-        if self._error is not None:
-            self._fail(self._error)
-            self._error = None
+        self._flush_pending()
         m = _RULE_RE.match(line)
         if m:
             self._block = _Job(m.group(1))
@@ -212,6 +207,15 @@ class ProgressFollower:
             elif forward:
                 self._print(f"{state_label(job.rule)} ... {ln.strip()[len('[progress] ') + len(m.group('state')) + 1:]}")
 
+    def _flush_pending(self) -> None:
+        """A rule/error block of Snakemake's output ends at the first line that is not indented (or at exit)."""
+        if self._block is not None:
+            self._start(self._block)
+            self._block = None
+        if self._error is not None:
+            self._fail(self._error)
+            self._error = None
+
     def poll(self) -> None:
         with self.lock:
             for jobid in sorted(self.running):
@@ -220,12 +224,7 @@ class ProgressFollower:
     # ------------------------------------------------------------------ end of run
     def close(self, returncode: int) -> None:
         with self.lock:
-            if self._block is not None:
-                self._start(self._block)
-                self._block = None
-            if self._error is not None:
-                self._fail(self._error)
-                self._error = None
+            self._flush_pending()
             if returncode == 0 or self.verbose:
                 return
             self._print(f"[engine] the workflow failed (exit {returncode}); last lines of Snakemake's output:")

@@ -40,7 +40,6 @@ import pyarrow.parquet as pq
 import shapely
 
 from engine.core.errors import InputError
-from engine.core.progress import Progress
 from engine.core.schema import arrow_schema
 from engine.segment1b import spatial
 from engine.segment1b.spatial import CountryShape, Grid
@@ -590,14 +589,6 @@ def load_iso_codes(path: str | Path) -> set[str]:
     return {str(v) for v in t.column("country_iso").to_pylist() if v is not None}
 
 
-# worker-process globals (fork): the shapes and grid are inherited, only ISO codes cross the pipe
-_W: dict = {}
-
-
-def _work(iso: str) -> dict:
-    return tile_country(iso, _W["shapes"][iso], _W["ga"], _W["index_dir"], _W["bounds_dir"], _W["strip_cells"])
-
-
 def _weight(shape: CountryShape, ga: GridArrays) -> int:
     if not shape.parts:
         return 0
@@ -612,31 +603,11 @@ def tile_all(shapes: dict[str, CountryShape], grid: Grid, index_dir: Path, bound
     isos = sorted(shapes)
     Path(index_dir).mkdir(parents=True, exist_ok=True)
     Path(bounds_dir).mkdir(parents=True, exist_ok=True)
-    # progress goes to stderr (the job log) only; it counts countries as their results reach this process
-    progress = Progress("1B.S1", total=len(isos), unit="countries")
-    if workers <= 1 or len(isos) <= 1:
-        reports = []
-        for i in isos:
-            reports.append(tile_country(i, shapes[i], ga, index_dir, bounds_dir, strip_cells))
-            progress.advance(1)
-    else:
-        import multiprocessing as mp
-
-        # heaviest first (RU, CA, US, AQ, CN dominate), results re-sorted A-Z
-        order = sorted(isos, key=lambda i: (-_weight(shapes[i], ga), i))
-        _W.update(shapes=shapes, ga=ga, index_dir=Path(index_dir), bounds_dir=Path(bounds_dir), strip_cells=strip_cells)
-        reports = []
-        try:
-            with mp.get_context("fork").Pool(workers) as pool:
-                # imap (ordered, one country per task): the same work and files as map, results as they come
-                for rep in pool.imap(_work, order, chunksize=1):
-                    reports.append(rep)
-                    progress.advance(1)
-        finally:
-            _W.clear()
-        reports.sort(key=lambda r: r["country_iso"])
-    progress.finish()
-    return reports
+    # heaviest first in a pool (RU, CA, US, AQ, CN dominate)
+    return spatial.map_countries(
+        "1B.S1", isos,
+        lambda iso: tile_country(iso, shapes[iso], ga, index_dir, bounds_dir, strip_cells),
+        workers, weight=lambda iso: _weight(shapes[iso], ga))
 
 
 def _workers(ctx) -> int:

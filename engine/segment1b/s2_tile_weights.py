@@ -38,7 +38,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.core.errors import InputError, ModelError
-from engine.core.progress import Progress
 from engine.segment1b import spatial
 from engine.core.schema import arrow_schema
 from engine.segment1b.s1_tile_index import _dict_const, _workers, _write_schema, parquet_writer
@@ -614,14 +613,6 @@ def weight_country(iso: str, index_file: Path, out_file: Path, basis: str, dp: i
     }
 
 
-_W: dict = {}
-
-
-def _work(iso: str) -> dict:
-    return weight_country(iso, _W["index_dir"] / spatial.country_part_name(iso),
-                          _W["out_dir"] / spatial.country_part_name(iso), _W["basis"], _W["dp"], _W["raster"])
-
-
 def weight_all(index_dir: Path, out_dir: Path, basis: str, dp: int, raster_path: str | None,
                workers: int = 1) -> list[dict]:
     """Weights of every country of a ``tile_index`` partition; report rows A-Z (bytes independent of workers)."""
@@ -638,31 +629,11 @@ def weight_all(index_dir: Path, out_dir: Path, basis: str, dp: int, raster_path:
         grid = spatial.read_grid(raster_path)  # same checks as S1 (the grid is what grid_hash covers)
         del grid
     out_dir.mkdir(parents=True, exist_ok=True)
-    # progress goes to stderr (the job log) only; it counts countries as their results reach this process
-    progress = Progress("1B.S2", total=len(isos), unit="countries")
-    if workers <= 1 or len(isos) <= 1:
-        reports = []
-        for i in isos:
-            reports.append(weight_country(i, index_dir / spatial.country_part_name(i),
-                                          out_dir / spatial.country_part_name(i), basis, dp, raster_path))
-            progress.advance(1)
-    else:
-        import multiprocessing as mp
-
-        order = sorted(isos, key=lambda i: (-pq.ParquetFile(index_dir / spatial.country_part_name(i)).metadata.num_rows, i))
-        _W.update(index_dir=index_dir, out_dir=out_dir, basis=basis, dp=dp, raster=raster_path)
-        reports = []
-        try:
-            with mp.get_context("fork").Pool(workers) as pool:
-                # imap (ordered, one country per task): the same work and files as map, results as they come
-                for rep in pool.imap(_work, order, chunksize=1):
-                    reports.append(rep)
-                    progress.advance(1)
-        finally:
-            _W.clear()
-        reports.sort(key=lambda r: r["country_iso"])
-    progress.finish()
-    return reports
+    return spatial.map_countries(
+        "1B.S2", isos,
+        lambda iso: weight_country(iso, index_dir / spatial.country_part_name(iso),
+                                   out_dir / spatial.country_part_name(iso), basis, dp, raster_path),
+        workers, weight=lambda iso: pq.ParquetFile(index_dir / spatial.country_part_name(iso)).metadata.num_rows)
 
 
 def run_with_report(ctx) -> dict:

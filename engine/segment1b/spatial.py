@@ -39,6 +39,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from engine.core.errors import InputError
+from engine.core.progress import Progress
 
 # WGS84 (spec §3 pixel_area_m2)
 WGS84_A = 6378137.0
@@ -548,3 +549,39 @@ def partition_countries(partition_dir: str | Path) -> list[str]:
         if _ISO_RE.match(code):
             out.append(code)
     return out
+
+
+# ---------------------------------------------------------------------- per-country work (S1, S2)
+_TASK: dict = {}
+
+
+def _run_task(iso: str) -> dict:
+    return _TASK["fn"](iso)
+
+
+def map_countries(state: str, isos: list[str], fn, workers: int = 1, weight=None) -> list[dict]:
+    """``fn(iso) -> report`` for every country, serially or in a fork pool of ``workers`` (one country per
+    task, heaviest ``weight(iso)`` first); report rows returned A-Z by ``country_iso`` whatever the order of
+    completion, so outputs never depend on ``workers``. ``fn`` may be a closure: the pool is forked after it
+    is stored, so workers inherit it instead of unpickling it. Progress lines (countries done) go to stderr."""
+    progress = Progress(state, total=len(isos), unit="countries")
+    reports: list[dict] = []
+    if workers <= 1 or len(isos) <= 1:
+        for iso in isos:
+            reports.append(fn(iso))
+            progress.advance(1)
+    else:
+        import multiprocessing as mp
+
+        order = sorted(isos, key=lambda i: (-weight(i), i)) if weight is not None else list(isos)
+        _TASK["fn"] = fn
+        try:
+            with mp.get_context("fork").Pool(workers) as pool:
+                for rep in pool.imap(_run_task, order, chunksize=1):
+                    reports.append(rep)
+                    progress.advance(1)
+        finally:
+            _TASK.clear()
+    reports.sort(key=lambda r: r["country_iso"])
+    progress.finish()
+    return reports
