@@ -29,6 +29,7 @@ from engine.segment1b import s9_validation as s9
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_1b_s7_s9 import SEED, build_world, hx, make_ctx, no_gate  # noqa: E402
+from workflow_helpers import small_table_s2_policy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIVE_KEYS = {"passed", "failure_codes", "bundle_path", "flag_path", "stage_log_path"}
@@ -259,10 +260,11 @@ def test_runbook_section_3_end_to_end(tmp_path):
         pytest.skip(why)
     root = tmp_path / "runs" / "local_layer1"
     small = _small_merchant_table(tmp_path / "merchants.parquet")
-    args_1a = ["--output-dir", root, "--merchant-table", small, "--seed", E2E_SEED, "--cores", 2]
+    args_1a = ["--output-dir", root, "--merchant-table", small, "--seed", E2E_SEED, "--cores", 2,
+               "--validation-policy", small_table_s2_policy(tmp_path / "policy")]
     rc, out1a, err = _cli("engine.cli.segment1a", *args_1a)
-    if rc != 0 or not out1a or not out1a.get("passed"):
-        pytest.skip(f"1A outputs cannot be produced yet (segment1a exit {rc}): {_failed_jobs(root) or err[-800:]}")
+    assert rc == 0 and out1a and out1a.get("passed"), \
+        f"segment1a failed (exit {rc}): {_failed_jobs(root) or err[-800:]}"
     ph, fp = out1a["parameter_hash"], out1a["manifest_fingerprint"]
     stored = root / cli.CONFIG_1A_path(fp, E2E_SEED)
     if not stored.is_file():

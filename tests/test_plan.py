@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from workflow_helpers import REPO, absolutise, default_config, snakemake
+from workflow_helpers import REPO, absolutise, default_config, small_table_s2_policy, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +132,7 @@ def base_config(tmp: Path) -> dict:
     if not small.exists():
         pq.write_table(pq.read_table(src).slice(0, SMALL_MERCHANTS), small)
     cfg["segment1a"]["inputs"]["merchant_table"] = str(small)
+    cfg["segment1a"]["parameters"]["s2_validation_policy.yaml"] = str(small_table_s2_policy(tmp / "policy"))
     return cfg
 
 

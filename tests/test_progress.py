@@ -18,7 +18,7 @@ import pytest
 from engine.cli._common import PROGRESS_RE, ProgressFollower, state_label
 from engine.core import progress as progress_mod
 from engine.core.progress import Progress, report
-from workflow_helpers import REPO, default_config, snakemake
+from workflow_helpers import REPO, default_config, small_table_s2_policy, snakemake
 
 
 class Clock:
@@ -244,7 +244,8 @@ def test_segment1a_cli_shows_one_progress_line_per_state_and_keeps_its_json(tmp_
     root = tmp_path / "root"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "engine.cli.segment1a", "--output-dir", str(root),
-                           "--merchant-table", str(small), "--cores", "2"],
+                           "--merchant-table", str(small), "--cores", "2",
+                           "--validation-policy", str(small_table_s2_policy(tmp_path))],
                           capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-5000:]
     out = json.loads(proc.stdout)  # stdout is the JSON and nothing else

@@ -20,6 +20,24 @@ def default_config() -> dict:
         return yaml.safe_load(f)
 
 
+def small_table_s2_policy(directory: Path) -> Path:
+    """An S2 corridor policy for the 3,000-merchant test tables (about 660 multi-site merchants).
+
+    The draws are keyed by manifest_fingerprint, which includes the code digest, so every code change
+    redraws the sample. On ~660 merchants the attempt-weighted rejection rate (model mean ~0.18) has a
+    standard error of ~0.014 and exceeds the embedded corridor rho <= 0.20 on a few percent of code
+    versions; p99 likewise. Tests that use these small tables to check something other than the corridors
+    pass this wider policy so they do not depend on which code version drew the sample."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(REPO / default_config()["segment1a"]["parameters"]["s2_validation_policy.yaml"]) as f:
+        pol = yaml.safe_load(f)
+    pol["corridors"] = {"rho_reject_max": 0.35, "p99_max": 8}
+    out = directory / "s2_validation_policy.yaml"
+    out.write_text(yaml.safe_dump(pol, sort_keys=False))
+    return out
+
+
 def absolutise(cfg: dict) -> dict:
     cfg = copy.deepcopy(cfg)
     for seg in ("segment1a", "segment1b"):
