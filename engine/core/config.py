@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from engine.core.dictionary import SAFE_LOADER
 from engine.core.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ _PATH_SECTIONS = (("segment1a", "inputs"), ("segment1a", "parameters"), ("segmen
 def load_yaml(path: str | Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return yaml.safe_load(f) or {}
+            return yaml.load(f, Loader=SAFE_LOADER) or {}
     except (OSError, yaml.YAMLError) as e:  # pragma: no cover - message only
         raise InputError("E_CONFIG_INVALID", f"cannot read config: {e}", path=path) from e
 

@@ -85,6 +85,14 @@ class RunContext:
         return self.data_root / d.path(dataset_id, **toks)
 
 
+    def schema_path(self, dataset_id: str, segment: str | None = None) -> Path:
+        """Absolute path of a dataset's JSON row schema, from the dataset dictionary's ``schema_ref`` (the one
+        place a dataset's schema is named)."""
+        from engine.core import dictionary
+
+        return dictionary.load(segment or self.segment, self.config).schema_path(dataset_id)
+
+
 def context_to_json(ctx: RunContext) -> str:
     """Serialise a context for a Snakemake job (one compact JSON string)."""
     import json

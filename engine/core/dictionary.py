@@ -36,6 +36,9 @@ import yaml
 
 from engine.core.errors import EngineError
 
+# libyaml's parser when PyYAML has it (same documents, ~10x faster: every state process reads the dictionaries)
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTRACTS_DIR = REPO_ROOT / "contracts"
 DEFAULT_FILES = {
@@ -311,7 +314,7 @@ _CACHE: dict[tuple, Dictionary] = {}
 def _read_yaml(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            doc = yaml.safe_load(f)
+            doc = yaml.load(f, Loader=SAFE_LOADER)
     except FileNotFoundError:
         raise _fail("dataset dictionary not found", path) from None
     except yaml.YAMLError as exc:

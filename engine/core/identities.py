@@ -518,8 +518,10 @@ class HashCache:
 def _default_config() -> dict:
     import yaml
 
+    from engine.core.dictionary import SAFE_LOADER
+
     with open(DEFAULT_CONFIG_PATH, "rb") as f:
-        return yaml.safe_load(f) or {}
+        return yaml.load(f, Loader=SAFE_LOADER) or {}
 
 
 def required_parameters(segment: str) -> tuple[str, ...]:

@@ -45,22 +45,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from engine.core import bundle
+from engine.core import bundle, publish
 from engine.core.errors import GateError, IdentityError, InputError
 
 SEGMENT = "1B"
 STATE = "S0"
 PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "contracts" / "schemas" / "1B"
-RECEIPT_SCHEMA = SCHEMA_DIR / "s0_gate_receipt_1B.schema.json"
-SEALED_SCHEMA = SCHEMA_DIR / "sealed_inputs_1B.schema.json"
 RECEIPT_FILE = "s0_gate_receipt.json"
 SEALED_FILE = "sealed_inputs_1B.json"
 EGRESS_CHECKSUMS = "egress_checksums.json"
-CATALOGUE_SCHEMA_REF = "schemas/1A/outlet_catalogue.schema.json"
-CANDIDATES_SCHEMA_REF = "schemas/1A/s3_candidate_set.schema.json"
 E_NO_PASS = "E301_NO_PASS_FLAG"
 
 
@@ -195,7 +189,7 @@ def token_mismatches(t: pa.Table, fp: str, seed: int) -> tuple[np.ndarray, int, 
 def read_catalogue_files(files: list[Path], columns: list[str]) -> pa.Table:
     """Catalogue part files concatenated in name order; string columns kept dictionary-encoded as stored."""
     dict_cols = [c for c in columns if c in ("manifest_fingerprint", "legal_country_iso", "home_country_iso")]
-    tables = [pq.read_table(p, columns=columns, read_dictionary=dict_cols) for p in files]
+    tables = [publish.read_parquet_file(p, columns=columns, read_dictionary=dict_cols) for p in files]
     if len(tables) == 1:
         return tables[0]
     return pa.concat_tables([t.unify_dictionaries() for t in tables], promote_options="permissive")
@@ -279,7 +273,7 @@ def sealed_records(ctx, resolved, gate: dict) -> list[dict]:
                 "partition": dict(tok1a), "schema_ref": None, "sha256_hex": gate["flag_sha256_hex"],
                 "size_bytes": None, "version_tag": None})
     out.append({"asset_id": "outlet_catalogue", "kind": "dataset", "path": _rel(ctx, gate["catalogue_dir"]),
-                "partition": dict(tok1a), "schema_ref": CATALOGUE_SCHEMA_REF,
+                "partition": dict(tok1a), "schema_ref": _schema_ref_1a(ctx, "outlet_catalogue"),
                 "sha256_hex": gate["catalogue_sha256_hex"],
                 "size_bytes": int(sum(r["size_bytes"] for r in gate["catalogue_files"])), "version_tag": None})
     cand_dir = Path(ctx.path("s3_candidate_set", segment="1A"))
@@ -291,7 +285,7 @@ def sealed_records(ctx, resolved, gate: dict) -> list[dict]:
     _, cand_digest, cand_size = file_digests(ctx, cand_files)
     out.append({"asset_id": "s3_candidate_set", "kind": "dataset", "path": _rel(ctx, cand_dir),
                 "partition": {"parameter_hash": ids1a.parameter_hash, "manifest_fingerprint": ids1a.manifest_fingerprint},
-                "schema_ref": CANDIDATES_SCHEMA_REF, "sha256_hex": cand_digest, "size_bytes": cand_size,
+                "schema_ref": _schema_ref_1a(ctx, "s3_candidate_set"), "sha256_hex": cand_digest, "size_bytes": cand_size,
                 "version_tag": None})
     out.sort(key=lambda r: (r["asset_id"].encode("ascii"), r["path"].encode("ascii", "backslashreplace")))
     return out
@@ -324,10 +318,17 @@ def receipt_record(ctx, gate: dict, sealed: list[dict]) -> dict:
     }
 
 
-def _validate_receipt(rec: Any, path: Path | None = None) -> None:
+def _schema_ref_1a(ctx, dataset_id: str) -> str:
+    """A 1A dataset's ``schema_ref`` as the 1A dataset dictionary names it (recorded in the sealed inputs)."""
+    from engine.core import dictionary
+
+    return dictionary.load("1A", ctx.config).schema_ref(dataset_id)
+
+
+def _validate_receipt(ctx, rec: Any, path: Path | None = None) -> None:
     from engine.core.schema import validate_record
 
-    problems = validate_record(rec, RECEIPT_SCHEMA)
+    problems = validate_record(rec, ctx.schema_path("s0_gate_receipt_1B"))
     if problems:
         raise GateError("E_RECEIPT_SCHEMA_INVALID", "s0_gate_receipt_1B does not match its schema", path=path,
                         rows=problems)
@@ -342,11 +343,12 @@ def run(ctx) -> None:
     _check_references(ctx)
     resolved = resolve_and_check(ctx)
     sealed = sealed_records(ctx, resolved, gate)
-    problems = [p for r in sealed for p in validate_record(r, SEALED_SCHEMA)]
+    sealed_schema = ctx.schema_path("sealed_inputs_1B")
+    problems = [p for r in sealed for p in validate_record(r, sealed_schema)]
     if problems:
         raise GateError("E_RECEIPT_SCHEMA_INVALID", "sealed_inputs_1B does not match its schema", rows=problems)
     rec = receipt_record(ctx, gate, sealed)
-    _validate_receipt(rec)
+    _validate_receipt(ctx, rec)
     with publish.staged(ctx.path("sealed_inputs_1B"), PUBLISH_CODE) as tmp:
         publish.write_json(sealed, Path(tmp) / SEALED_FILE)
     with publish.staged(ctx.path("s0_gate_receipt_1B"), PUBLISH_CODE) as tmp:
@@ -373,7 +375,7 @@ def require_receipt(ctx) -> dict:
         rec = json.loads(p.read_bytes())
     except ValueError as e:
         raise GateError("E_RECEIPT_SCHEMA_INVALID", f"gate receipt is not JSON ({e})", path=p) from None
-    _validate_receipt(rec, p)
+    _validate_receipt(ctx, rec, p)
     want = {"manifest_fingerprint": ctx.ids.manifest_fingerprint, "parameter_hash": ctx.ids.parameter_hash,
             "seed": int(ctx.ids.seed)}
     got = {k: rec.get(k) for k in want}
@@ -444,5 +446,20 @@ def run_rng_anchor(ctx) -> None:
 
 __all__ = [
     "run", "run_rng_anchor", "verify_1a", "require_receipt", "verified_receipt_exists", "read_catalogue",
-    "receipt_path", "bundle_dir_1a", "partition_files", "file_digests", "token_mismatches",
+    "receipt_path", "bundle_dir_1a", "partition_files", "file_digests", "token_mismatches", "load_iso_codes",
 ]
+
+
+def load_iso_codes(path: str | Path) -> set[str]:
+    """``country_iso`` column of the ISO table (parquet or csv)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("E_REFERENCE_SURFACE_MISSING", "ISO table not found", path=p)
+    if p.suffix.lower() == ".csv":
+        import pyarrow.csv as pcsv
+
+        t = pcsv.read_csv(p, convert_options=pcsv.ConvertOptions(
+            column_types={"country_iso": pa.string()}, strings_can_be_null=False, include_columns=["country_iso"]))
+    else:
+        t = publish.read_parquet_file(p, columns=["country_iso"])
+    return {str(v) for v in t.column("country_iso").to_pylist() if v is not None}

@@ -39,8 +39,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
+from engine.core import publish
 from engine.core.errors import InputError
 from engine.core.schema import arrow_schema
+from engine.segment1b.s0_gate import load_iso_codes
 from engine.segment1b import spatial
 from engine.segment1b.spatial import CountryShape, Grid
 
@@ -572,21 +574,6 @@ def tile_country(iso: str, shape: CountryShape, ga: GridArrays, index_dir: Path,
 # --------------------------------------------------------------------------------------------------
 # State entry point
 # --------------------------------------------------------------------------------------------------
-
-
-def load_iso_codes(path: str | Path) -> set[str]:
-    """``country_iso`` column of the ISO table (parquet or csv)."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError("E_REFERENCE_SURFACE_MISSING", "ISO table not found", path=p)
-    if p.suffix.lower() == ".csv":
-        import pyarrow.csv as pcsv
-
-        t = pcsv.read_csv(p, convert_options=pcsv.ConvertOptions(
-            column_types={"country_iso": pa.string()}, strings_can_be_null=False, include_columns=["country_iso"]))
-    else:
-        t = pq.read_table(p, columns=["country_iso"])
-    return {str(v) for v in t.column("country_iso").to_pylist() if v is not None}
 
 
 def _weight(shape: CountryShape, ga: GridArrays) -> int:

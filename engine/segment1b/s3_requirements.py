@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine.core import publish
 from engine.core.errors import InputError, ModelError
 
 SEGMENT = "1B"
 PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
-SCHEMA = Path(__file__).resolve().parents[2] / "contracts" / "schemas" / "1B" / "s3_requirements.schema.json"
 MAX_ROWS = 10
 
 
@@ -166,7 +166,7 @@ def weight_countries(weights_dir: Path) -> set[str]:
                 out.add(iso)
         return out
     for p in sorted(d.glob("part-*.parquet")):
-        col = pq.read_table(p, columns=["country_iso"])["country_iso"]
+        col = publish.read_parquet_file(p, columns=["country_iso"])["country_iso"]
         out.update(str(v) for v in pc.unique(col).to_pylist() if v is not None)
     return out
 
@@ -185,7 +185,7 @@ def read_dataset(directory, schema_path, dict_cols=("legal_country_iso",)) -> pa
     dc = [c for c in dict_cols if c in schema.names]
     tables = []
     for p in parts:
-        t = pq.read_table(p, columns=schema.names, read_dictionary=dc)
+        t = publish.read_parquet_file(p, columns=schema.names, read_dictionary=dc)
         cols = []
         for f in schema:
             c = t[f.name]
@@ -200,7 +200,7 @@ def iso_table_codes(ctx) -> set[str] | None:
     p = ((ctx.config.get("segment1a") or {}).get("inputs") or {}).get("iso_table")
     if not p:
         return None
-    from engine.segment1b.s1_tile_index import load_iso_codes
+    from engine.segment1b.s0_gate import load_iso_codes
 
     return load_iso_codes(p)
 
@@ -231,9 +231,10 @@ def run(ctx) -> None:
     from engine.core.schema import arrow_schema, validate_table
 
     t = compute(ctx)
-    problems = validate_table(t, SCHEMA)
+    schema = ctx.schema_path("s3_requirements")
+    problems = validate_table(t, schema)
     if problems:
-        raise ModelError("E305_SCHEMA_INVALID", "s3_requirements does not match its schema", path=SCHEMA, rows=problems)
+        raise ModelError("E305_SCHEMA_INVALID", "s3_requirements does not match its schema", path=schema, rows=problems)
     with publish.staged(ctx.path("s3_requirements"), PUBLISH_CODE) as tmp:
         # rows are produced in writer order (merchant_id, legal_country_iso); no re-sort needed
-        publish.write_parquet(t, Path(tmp) / "part-00000.parquet", schema=arrow_schema(SCHEMA))
+        publish.write_parquet(t, Path(tmp) / "part-00000.parquet", schema=arrow_schema(schema))

@@ -30,15 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from engine.core import publish
 from engine.core.errors import InputError, ModelError
 
 SEGMENT = "1B"
 PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "contracts" / "schemas" / "1B"
-SCHEMA = SCHEMA_DIR / "s4_alloc_plan.schema.json"
-REQ_SCHEMA = SCHEMA_DIR / "s3_requirements.schema.json"
 I64_LIMIT = (1 << 63) - 1
 
 
@@ -180,7 +177,7 @@ def read_country_table(partition_dir: Path, iso: str, columns: list[str]) -> pa.
     d = Path(partition_dir)
     p = d / spatial.country_part_name(iso)
     if p.exists():
-        return pq.read_table(p, columns=columns)
+        return publish.read_parquet_file(p, columns=columns)
     if spatial.partition_countries(d):
         return None
     key = (str(d.resolve()), tuple(columns))
@@ -189,7 +186,7 @@ def read_country_table(partition_dir: Path, iso: str, columns: list[str]) -> pa.
         if not parts:
             return None
         cols = list(dict.fromkeys(["country_iso", *columns]))
-        t = pa.concat_tables([pq.read_table(q, columns=cols) for q in parts])
+        t = pa.concat_tables([publish.read_parquet_file(q, columns=cols) for q in parts])
         by: dict[str, pa.Table] = {}
         for c in sorted(set(t["country_iso"].to_pylist())):
             import pyarrow.compute as pc
@@ -244,7 +241,7 @@ def compute(ctx) -> tuple[pa.Table, dict]:
     from engine.segment1b.s3_requirements import iso_codes_array, read_dataset, sorted_by
 
     s0_gate.require_receipt(ctx)
-    req = read_dataset(ctx.path("s3_requirements"), REQ_SCHEMA)
+    req = read_dataset(ctx.path("s3_requirements"), ctx.schema_path("s3_requirements"))
     if req.num_rows == 0:
         raise InputError("E401_NO_S3_REQUIREMENTS", "s3_requirements is empty", path=ctx.path("s3_requirements"))
     codes, labels = iso_codes_array(req["legal_country_iso"])
@@ -286,9 +283,10 @@ def run(ctx) -> None:
     from engine.core.schema import arrow_schema, validate_table
 
     t, _ = compute(ctx)
-    problems = validate_table(t, SCHEMA)
+    schema = ctx.schema_path("s4_alloc_plan")
+    problems = validate_table(t, schema)
     if problems:
-        raise ModelError("E405_SCHEMA_INVALID", "s4_alloc_plan does not match its schema", path=SCHEMA, rows=problems)
+        raise ModelError("E405_SCHEMA_INVALID", "s4_alloc_plan does not match its schema", path=schema, rows=problems)
     with publish.staged(ctx.path("s4_alloc_plan"), PUBLISH_CODE) as tmp:
         # rows are built in writer order (merchant_id, legal_country_iso, tile_id)
-        publish.write_parquet(t, Path(tmp) / "part-00000.parquet", schema=arrow_schema(SCHEMA))
+        publish.write_parquet(t, Path(tmp) / "part-00000.parquet", schema=arrow_schema(schema))

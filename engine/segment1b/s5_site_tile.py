@@ -36,9 +36,6 @@ FAMILY = "site_tile_assign"
 MODULE = "1B.S5.assigner"
 LABEL = "site_tile_assign"
 PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "contracts" / "schemas" / "1B"
-SCHEMA = SCHEMA_DIR / "s5_site_tile_assignment.schema.json"
-PLAN_SCHEMA = SCHEMA_DIR / "s4_alloc_plan.schema.json"
 
 
 # ============================================================================================
@@ -145,7 +142,7 @@ def compute(ctx) -> tuple[pa.Table, dict, dict]:
     from engine.segment1b.s3_requirements import iso_codes_array, read_dataset, sorted_by
 
     s0_gate.require_receipt(ctx)
-    plan = read_dataset(ctx.path("s4_alloc_plan"), PLAN_SCHEMA)
+    plan = read_dataset(ctx.path("s4_alloc_plan"), ctx.schema_path("s4_alloc_plan"))
     if plan.num_rows == 0:
         raise InputError("E504_SUM_TO_N_MISMATCH", "s4_alloc_plan is empty", path=ctx.path("s4_alloc_plan"))
     codes, labels = iso_codes_array(plan["legal_country_iso"])
@@ -189,9 +186,10 @@ def run(ctx) -> None:
     from engine.core.schema import arrow_schema, validate_table
 
     table, events, _ = compute(ctx)
-    problems = validate_table(table, SCHEMA)
+    schema = ctx.schema_path("s5_site_tile_assignment")
+    problems = validate_table(table, schema)
     if problems:
-        raise ModelError("E506_SCHEMA_INVALID", "s5_site_tile_assignment does not match its schema", path=SCHEMA,
+        raise ModelError("E506_SCHEMA_INVALID", "s5_site_tile_assignment does not match its schema", path=schema,
                          rows=problems)
     logs = RngLogs(ctx.data_root, SEGMENT, ctx.ids, ctx.config)
     n = logs.add_events(FAMILY, MODULE, LABEL, events)
@@ -199,7 +197,7 @@ def run(ctx) -> None:
     def publish_assignment() -> None:
         with publish.staged(ctx.path("s5_site_tile_assignment"), PUBLISH_CODE) as tmp:
             # sites are generated in writer order (merchant_id, legal_country_iso, site_order)
-            publish.write_parquet(table, Path(tmp) / "part-00000.parquet", schema=arrow_schema(SCHEMA))
+            publish.write_parquet(table, Path(tmp) / "part-00000.parquet", schema=arrow_schema(schema))
 
     # the dataset is published while the event and trace lines are written (once the logs' checks passed)
     logs.close(progress=Progress("1B.S5", total=2 * n, unit="rng log lines (events + trace)"),
