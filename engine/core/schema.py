@@ -152,9 +152,14 @@ def _rows(mask: Any, parent: np.ndarray | None = None) -> tuple[list[int], int]:
     return idx[:MAX_ROWS].tolist(), int(idx.size)
 
 
+def _int_info(t: pa.DataType) -> np.iinfo:
+    """``np.iinfo`` of an Arrow integer type (``DataType.to_pandas_dtype`` would import pandas, ~0.3 s)."""
+    return np.iinfo(np.dtype(f"{'u' if pa.types.is_unsigned_integer(t) else 'i'}{t.bit_width // 8}"))
+
+
 def _in_range(bound: Any, t: pa.DataType) -> bool:
     if pa.types.is_integer(t) and isinstance(bound, int):
-        info = np.iinfo(t.to_pandas_dtype())
+        info = _int_info(t)
         return int(info.min) <= bound <= int(info.max)
     return True
 
@@ -211,7 +216,7 @@ def _check_values(name: str, col: Any, prop: Mapping, problems: list[str], paren
             bound = prop[key]
             if not _in_range(bound, t):
                 # a bound outside the type's range is either vacuous or always violated
-                info = np.iinfo(t.to_pandas_dtype())
+                info = _int_info(t)
                 vacuous = (key.endswith("inimum") and bound < int(info.min)) or (
                     key.endswith("aximum") and bound > int(info.max))
                 if not vacuous:

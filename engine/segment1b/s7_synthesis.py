@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -68,9 +71,51 @@ def cast_keys(table: pa.Table, columns: Sequence[str] = KEY) -> pa.Table:
     return table
 
 
+_RANKS: "OrderedDict[tuple, tuple[Any, np.ndarray | None]]" = OrderedDict()  # string column -> its ranks
+_RANKS_MAX = 6
+_RANKS_LOCK = threading.Lock()
+
+
+def _column_identity(col: Any) -> tuple:
+    """Identity of a column's physical data (type, and per chunk: offset, length, buffer addresses, the
+    dictionary's too). Two columns with equal identity hold the same bytes while both are alive."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    key: list = [str(col.type), len(col)]
+    for ch in chunks:
+        key.append((ch.offset, len(ch), tuple(0 if b is None else b.address for b in ch.buffers())))
+        if pa.types.is_dictionary(ch.type):
+            d = ch.dictionary
+            key.append((d.offset, len(d), tuple(0 if b is None else b.address for b in d.buffers())))
+    return tuple(key)
+
+
 def orderable(col: Any) -> np.ndarray | None:
     """Per-row numbers ordering ``col`` as Arrow's ascending sort does (strings by rank of value), or None when
-    this cannot decide (nulls, a type other than integer / string / dictionary of strings)."""
+    this cannot decide (nulls, a type other than integer / string / dictionary of strings).
+
+    The ranks of a string column are remembered for the last few columns asked (keyed by the identity of the
+    column's buffers, the column itself held so those buffers stay allocated and unchanged - Arrow data is
+    immutable), since S7/S8/S9 ask for the key order of one table several times."""
+    t = col.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t)):
+        return _orderable(col)
+    key = _column_identity(col)
+    with _RANKS_LOCK:
+        hit = _RANKS.get(key)
+        if hit is not None:
+            _RANKS.move_to_end(key)
+            return hit[1]
+    x = _orderable(col)
+    if x is not None:
+        x.setflags(write=False)
+    with _RANKS_LOCK:
+        _RANKS[key] = (col, x)
+        while len(_RANKS) > _RANKS_MAX:
+            _RANKS.popitem(last=False)
+    return x
+
+
+def _orderable(col: Any) -> np.ndarray | None:
     if isinstance(col, pa.ChunkedArray):
         if col.null_count:
             return None
@@ -121,6 +166,13 @@ def sort_by_key(table: pa.Table, keys: Sequence[str] = KEY) -> pa.Table:
     if order is not None and order[0]:
         return table  # already in key order: the stable sort would be the identity
     return table.take(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys]))
+
+
+def writer_sort(table: pa.Table, keys: Sequence[str] = KEY) -> list[str] | None:
+    """``sort_by`` for :func:`engine.core.publish.write_parquet`: None when the rows are already in non-decreasing
+    key order (its stable sort would be the identity: same bytes without sorting again), else ``keys``."""
+    order = key_order(table, keys)
+    return None if order is not None and order[0] else list(keys)
 
 
 def first_rows(table: pa.Table, columns: Sequence[str] | None = None, n: int = MAX_ROWS) -> list[dict]:
@@ -191,60 +243,101 @@ def _country_groups(iso: pa.Array | pa.ChunkedArray) -> list[tuple[str, np.ndarr
     if len(iso) == 0:
         return []
     enc = pc.dictionary_encode(iso)
-    idx = np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
     names = enc.dictionary.to_pylist()
-    order = np.argsort(idx, kind="stable")
-    cuts = np.searchsorted(idx[order], np.arange(len(names) + 1))
+    order, cuts = group_rows(enc.indices, len(names))
     groups = [(names[k], order[cuts[k]:cuts[k + 1]]) for k in range(len(names))]
     return sorted(groups, key=lambda g: g[0])
+
+
+def group_rows(indices: pa.Array, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row order grouping the rows by code, ascending rows within a code; cut points: code k's rows are
+    ``order[cuts[k]:cuts[k + 1]]``) of a dictionary-indices array (nulls: no group). A stable radix sort on
+    16-bit codes when they fit."""
+    codes = np.asarray(pc.fill_null(indices, n_codes).to_numpy(zero_copy_only=False))
+    codes = codes.astype(np.uint16 if n_codes < (1 << 16) - 1 else np.int64, copy=False)
+    order = np.argsort(codes, kind="stable")
+    cuts = np.zeros(n_codes + 2, dtype=np.int64)
+    np.cumsum(np.bincount(codes, minlength=n_codes + 1), out=cuts[1:])
+    return order, cuts[:n_codes + 1]
+
+
+def _read_bounds_file(path: Path) -> pa.Table | None:
+    """``tile_id`` and the bounds columns of one ``tile_bounds`` country file (all row groups, file order)."""
+    try:
+        return pq.ParquetFile(path).read(columns=["tile_id", *BOUNDS_COLS], use_threads=False)
+    except FileNotFoundError:
+        return None
+
+
+def _read_ahead(wanted: list[tuple[int, Path]], depth: int = 3) -> Iterator[tuple[int, pa.Table | None]]:
+    """(code, table) of each ``tile_bounds`` file in order, the next ``depth`` files being read meanwhile in two
+    threads (Parquet decoding releases the GIL); at most ``depth`` + 1 tables are held at a time."""
+    if len(wanted) < 2:
+        for k, path in wanted:
+            yield k, _read_bounds_file(path)
+        return
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tile-bounds") as ex:
+        pending: deque = deque()
+        it = iter(wanted)
+        for k, path in it:
+            pending.append((k, ex.submit(_read_bounds_file, path)))
+            if len(pending) > depth:
+                break
+        while pending:
+            k, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt[0], ex.submit(_read_bounds_file, nxt[1])))
+            yield k, fut.result()
 
 
 def lookup_tile_bounds(bounds_dir: str | Path, iso: Any, tile_id: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Pixel rectangle and centroid of each (iso[i], tile_id[i]) from a ``tile_bounds`` partition.
 
-    S1 writes one file per country (``part-<ISO>.parquet``, rows in tile_id order). Per country only the
-    ``tile_id`` column is scanned; the other columns are read only from the row groups that hold a wanted
-    tile. Returns ``(found, {column: float64 array})`` aligned with the input rows (NaN where not found)."""
+    S1 writes one file per country (``part-<ISO>.parquet``, rows in tile_id order); only the files of the
+    countries asked for are read (whole, a few ahead in two threads: :func:`_read_ahead`). Per country the
+    rows' tiles are binary-searched in the file's tile_id column (sorted first if a file is not in tile_id
+    order; a tile listed twice resolves to its first row in file order) and the bounds gathered. Returns
+    ``(found, {column: float64 array})`` aligned with the input rows (NaN where not found)."""
     from engine.segment1b import spatial
 
     iso_arr = iso if isinstance(iso, (pa.Array, pa.ChunkedArray)) else pa.array(iso, pa.string())
+    if isinstance(iso_arr, pa.ChunkedArray):
+        iso_arr = iso_arr.combine_chunks()
     tiles = np.asarray(tile_id, dtype=np.uint64)
     n = tiles.shape[0]
-    found = np.zeros(n, dtype=bool)
-    out = {c: np.full(n, np.nan, dtype=np.float64) for c in BOUNDS_COLS}
+    if n == 0:
+        return np.zeros(0, dtype=bool), {c: np.zeros(0, dtype=np.float64) for c in BOUNDS_COLS}
+    enc = iso_arr if pa.types.is_dictionary(iso_arr.type) else pc.dictionary_encode(iso_arr)
+    names = enc.dictionary.to_pylist()
+    order, cuts = group_rows(enc.indices, len(names))
     bdir = Path(bounds_dir)
-    for code, rows in _country_groups(iso_arr):
-        if code is None:
+    wanted = [(k, bdir / spatial.country_part_name(names[k])) for k in range(len(names))
+              if names[k] is not None and cuts[k + 1] > cuts[k]]
+    wanted = [(k, path) for k, path in wanted if path.is_file()]
+    found = np.zeros(n, dtype=bool)
+    out = {c: np.empty(n, dtype=np.float64) for c in BOUNDS_COLS}  # every row is written: a value or NaN
+    for k, t in _read_ahead(wanted):
+        if t is None or t.num_rows == 0:
             continue
-        path = bdir / spatial.country_part_name(code)
-        if not path.is_file():
-            continue
-        need, inv = np.unique(tiles[rows], return_inverse=True)
-        got = np.zeros(need.shape[0], dtype=bool)
-        vals = {c: np.full(need.shape[0], np.nan) for c in BOUNDS_COLS}
-        pf = pq.ParquetFile(path)
-        for rg in range(pf.num_row_groups):
-            tid = np.asarray(pf.read_row_group(rg, columns=["tile_id"]).column(0).to_numpy(zero_copy_only=False),
-                             dtype=np.uint64)
-            if tid.shape[0] == 0:
-                continue
-            order = None
-            if tid.shape[0] > 1 and not bool(np.all(tid[1:] >= tid[:-1])):
-                order = np.argsort(tid, kind="stable")  # tolerate an unsorted file; S1 writes tile_id order
-                tid = tid[order]
-            pos = np.searchsorted(tid, need)
-            posc = np.minimum(pos, tid.shape[0] - 1)
-            hit = (pos < tid.shape[0]) & (tid[posc] == need) & ~got
-            if not hit.any():
-                continue
-            src = posc[hit] if order is None else order[posc[hit]]
-            t = pf.read_row_group(rg, columns=list(BOUNDS_COLS))
-            for c in BOUNDS_COLS:
-                vals[c][hit] = np.asarray(t[c].to_numpy(zero_copy_only=False), dtype=np.float64)[src]
-            got |= hit
-        found[rows] = got[inv]
+        rows = order[cuts[k]:cuts[k + 1]]
+        tid = np.asarray(t["tile_id"].to_numpy(zero_copy_only=False), dtype=np.uint64)
+        srt = None
+        if tid.shape[0] > 1 and not bool(np.all(tid[1:] >= tid[:-1])):
+            srt = np.argsort(tid, kind="stable")  # tolerate an unsorted file; S1 writes tile_id order
+            tid = tid[srt]
+        q = tiles[rows]
+        pos = np.minimum(np.searchsorted(tid, q), tid.shape[0] - 1)
+        hit = tid[pos] == q
+        src = pos[hit] if srt is None else srt[pos[hit]]
+        dst = rows[hit]
+        found[dst] = True
         for c in BOUNDS_COLS:
-            out[c][rows] = vals[c][inv]
+            out[c][dst] = np.asarray(t[c].to_numpy(zero_copy_only=False), dtype=np.float64)[src]
+    if not found.all():
+        missing = ~found
+        for c in BOUNDS_COLS:
+            out[c][missing] = np.nan
     return found, out
 
 
@@ -269,16 +362,34 @@ def inside_pixel(lon, lat, bounds: dict[str, np.ndarray], eps: float = EPS_DEG) 
     lon = np.asarray(lon, np.float64)
     lat = np.asarray(lat, np.float64)
     lo, hi = bounds["min_lon_deg"] - eps, bounds["max_lon_deg"] + eps
-    in_lon = ((lon >= lo) & (lon <= hi)) | ((lon + 360.0 >= lo) & (lon + 360.0 <= hi)) | (
-        (lon - 360.0 >= lo) & (lon - 360.0 <= hi))
-    in_lat = (lat >= bounds["min_lat_deg"] - eps) & (lat <= bounds["max_lat_deg"] + eps)
-    return in_lon & in_lat
+    in_lon = (lon >= lo) & (lon <= hi)
+    rest = np.flatnonzero(~in_lon)  # only these can match one turn away (same expressions, fewer rows)
+    if rest.size:
+        lr, lor, hir = lon[rest], lo[rest], hi[rest]
+        in_lon[rest] = ((lr + 360.0 >= lor) & (lr + 360.0 <= hir)) | ((lr - 360.0 >= lor) & (lr - 360.0 <= hir))
+    in_lon &= lat >= bounds["min_lat_deg"] - eps
+    in_lon &= lat <= bounds["max_lat_deg"] + eps
+    return in_lon
 
 
 def keys_where(table: pa.Table, mask: np.ndarray, columns: Sequence[str] = KEY) -> list[dict]:
     idx = np.flatnonzero(mask)[:MAX_ROWS]
     return table.select([c for c in columns if c in table.column_names]).take(
         pa.array(idx, pa.int64())).to_pylist()
+
+
+def _equals_const(col: Any, value: str) -> np.ndarray:
+    """Row mask of ``col == value`` (a null is not equal) for a string column, plain or dictionary-encoded (the
+    predicate is then evaluated once per dictionary value)."""
+    if not pa.types.is_dictionary(col.type):
+        return to_bool(pc.equal(col, value))
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    out = [np.zeros(0, dtype=bool)]
+    for ch in chunks:
+        per_value = np.array([v == value for v in ch.dictionary.to_pylist()] + [False], dtype=bool)
+        idx = np.asarray(pc.fill_null(ch.indices, len(ch.dictionary)).to_numpy(zero_copy_only=False), np.int64)
+        out.append(per_value[idx])
+    return np.concatenate(out)
 
 
 def to_bool(arr: Any) -> np.ndarray:
@@ -296,11 +407,31 @@ def gated_catalogue(ctx, columns: Sequence[str]) -> pa.Table:
     return s0_gate.read_catalogue(ctx, list(columns), receipt)
 
 
+def read_parts(path: str | Path, columns: Sequence[str], dictionary: Sequence[str] = ()) -> pa.Table:
+    """The ``columns`` (those present; callers check for missing ones) of a partition's ``part-*.parquet``
+    files, concatenated in file-name order -- :func:`engine.core.publish.read_parquet_dir` reading only what is
+    used, combined into one chunk per column. ``dictionary`` columns stay dictionary-encoded as Parquet stores
+    them. A missing directory or no part file raises ``EngineError("E_PARTITION_MISSING")``."""
+    d = Path(path)
+    if not d.is_dir():
+        raise EngineError("E_PARTITION_MISSING", "partition directory not found", path=d)
+    parts = sorted(p for p in d.iterdir() if p.name.startswith("part-") and p.name.endswith(".parquet"))
+    if not parts:
+        raise EngineError("E_PARTITION_MISSING", "partition holds no part-*.parquet file", path=d)
+    tables = []
+    for p in parts:
+        pf = pq.ParquetFile(p, read_dictionary=[c for c in dictionary if c in columns])
+        names = set(pf.schema_arrow.names)
+        tables.append(pf.read(columns=[c for c in columns if c in names]))
+    # one chunk per column (a file holds several row groups): later per-column numpy views need no copy
+    return (pa.concat_tables(tables) if len(tables) > 1 else tables[0]).combine_chunks()
+
+
 def read_partition(path: Path, columns: Sequence[str], code: str, what: str) -> pa.Table:
     """Selected columns of a Parquet partition with canonical key types; a missing partition or column is
     ``code``."""
     try:
-        t = publish.read_parquet_dir(path)
+        t = read_parts(path, columns)
     except EngineError as exc:
         if exc.code != "E_PARTITION_MISSING":
             raise
@@ -322,7 +453,7 @@ def synthesise(s5: pa.Table, s6: pa.Table, catalogue: pa.Table, bounds_dir: str 
     s5 = sort_by_key(cast_keys(s5.select([*KEY, "tile_id"]), [*KEY, "tile_id"]))
     s6cols = [*KEY, "tile_id", "delta_lat_deg", "delta_lon_deg"]
     if manifest_fingerprint is not None and "manifest_fingerprint" in s6.column_names:
-        bad = ~to_bool(pc.equal(s6["manifest_fingerprint"], manifest_fingerprint))
+        bad = ~_equals_const(s6["manifest_fingerprint"], manifest_fingerprint)
         if bad.any():
             raise InputError("E705_PARTITION_OR_IDENTITY", "s6_site_jitter rows embed another manifest_fingerprint "
                              "than their partition", rows=keys_where(s6, bad, [*KEY, "manifest_fingerprint"]),
@@ -471,10 +602,12 @@ def run_with_report(ctx) -> dict:
     s5 = read_partition(ctx.path("s5_site_tile_assignment"), [*KEY, "tile_id"], "E701_ROW_MISSING",
                         "s5_site_tile_assignment")
     s6_path = ctx.path("s6_site_jitter")
-    s6 = publish.read_parquet_dir(s6_path) if Path(s6_path).is_dir() else None
+    want6 = [*KEY, "tile_id", "delta_lat_deg", "delta_lon_deg"]
+    # the 64-hex fingerprint of every row stays dictionary-encoded as stored (checked once per distinct value)
+    s6 = read_parts(s6_path, [*want6, "manifest_fingerprint"], dictionary=["manifest_fingerprint"]) \
+        if Path(s6_path).is_dir() else None
     if s6 is None:
         raise InputError("E701_ROW_MISSING", "s6_site_jitter partition not found (did S6 run?)", path=s6_path)
-    want6 = [*KEY, "tile_id", "delta_lat_deg", "delta_lon_deg"]
     if any(c not in s6.column_names for c in want6):
         raise InputError("E704_SCHEMA_VIOLATION", "s6_site_jitter lacks columns",
                          path=s6_path, rows=[c for c in want6 if c not in s6.column_names])
@@ -486,7 +619,8 @@ def run_with_report(ctx) -> dict:
         raise EngineError("E704_SCHEMA_VIOLATION", "s7_site_synthesis does not match its schema", rows=problems)
     final = ctx.path("s7_site_synthesis")
     with publish.staged(final, PUBLISH_CODE) as tmp:
-        publish.write_parquet(out, Path(tmp) / "part-00000.parquet", sort_by=list(KEY), schema=arrow_schema(spath))
+        publish.write_parquet(out, Path(tmp) / "part-00000.parquet", sort_by=writer_sort(out),
+                              schema=arrow_schema(spath))
     summary = {"identity": {"seed": int(ctx.ids.seed), "parameter_hash": ctx.ids.parameter_hash,
                             "manifest_fingerprint": ctx.ids.manifest_fingerprint, "run_id": ctx.ids.run_id},
                **summary}

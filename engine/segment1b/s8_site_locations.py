@@ -26,7 +26,15 @@ import pyarrow.compute as pc
 from engine.core import dictionary, publish
 from engine.core.errors import EngineError, InputError
 from engine.core.schema import arrow_schema, validate_table
-from engine.segment1b.s7_synthesis import KEY, duplicate_keys, first_rows, key_order, schema_path, sort_by_key
+from engine.segment1b.s7_synthesis import (
+    KEY,
+    duplicate_keys,
+    first_rows,
+    key_order,
+    schema_path,
+    sort_by_key,
+    writer_sort,
+)
 
 EGRESS_COLUMNS = ("merchant_id", "legal_country_iso", "site_order", "lon_deg", "lat_deg")
 PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
@@ -69,7 +77,7 @@ def run_with_report(ctx) -> dict:
                   ("parameter_hash", "run_id"), "E805_PARTITION_OR_IDENTITY")
     s7_schema = schema_path(ctx, "s7_site_synthesis")
     try:
-        s7 = publish.read_parquet_dir(s7_path)
+        s7 = publish.read_parquet_dir(s7_path).combine_chunks()  # one chunk per column: numpy views, no copies
     except EngineError as exc:
         raise InputError("E801_ROW_MISSING", f"s7_site_synthesis not readable: {exc.message}", path=s7_path) from None
     problems = validate_table(s7, s7_schema)
@@ -89,18 +97,28 @@ def run_with_report(ctx) -> dict:
     if not ok:  # pragma: no cover - project() sorts; kept as the spec's guard
         raise EngineError("E806_WRITER_SORT_VIOLATION", f"site_locations out of writer sort at row {first}")
     with publish.staged(out_path, PUBLISH_CODE) as tmp:
-        publish.write_parquet(out, Path(tmp) / "part-00000.parquet", sort_by=list(KEY),
+        publish.write_parquet(out, Path(tmp) / "part-00000.parquet", sort_by=writer_sort(out),
                               schema=arrow_schema(egress_schema))
-    by_country = out.group_by(["legal_country_iso"]).aggregate([([], "count_all")])
     return {
         "identity": {"seed": int(ids.seed), "manifest_fingerprint": ids.manifest_fingerprint,
                      "parameter_hash_consumed": ids.parameter_hash},
         "sizes": {"rows_s7": s7.num_rows, "rows_s8": out.num_rows, "parity_ok": s7.num_rows == out.num_rows},
         "validation_counters": {"schema_fail_count": 0, "path_embed_mismatches": 0, "writer_sort_violations": 0,
                                 "order_leak_indicators": 0},
-        "by_country": dict(sorted(zip(by_country["legal_country_iso"].to_pylist(),
-                                      by_country["count_all"].to_pylist()))),
+        "by_country": _rows_by_country(out),
     }
+
+
+def _rows_by_country(table: pa.Table) -> dict[str, int]:
+    """Rows per ``legal_country_iso``, countries A-Z (one dictionary encoding and a bincount)."""
+    if table.num_rows == 0:
+        return {}
+    col = table["legal_country_iso"]
+    enc = pc.dictionary_encode(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+    names = enc.dictionary.to_pylist()
+    codes = np.asarray(pc.fill_null(enc.indices, len(names)).to_numpy(zero_copy_only=False), np.int64)
+    counts = np.bincount(codes, minlength=len(names) + 1)
+    return dict(sorted((names[k], int(counts[k])) for k in range(len(names)) if counts[k]))
 
 
 def run(ctx) -> None:

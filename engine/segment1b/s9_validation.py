@@ -64,6 +64,7 @@ import hashlib
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -84,6 +85,7 @@ from engine.segment1b.s7_synthesis import (
     cast_keys,
     duplicate_keys,
     first_rows,
+    group_rows,
     inside_pixel,
     key_differences,
     keys_where,
@@ -241,6 +243,8 @@ class Inputs:
     bounds_found: np.ndarray | None = None
     bounds: dict[str, np.ndarray] | None = None
     shapes: dict | None = None
+    rng_pending: Future | None = None  # the RNG logs being read in the background (load_inputs with a pool)
+    rng_events_pending: dict[str, Future] = field(default_factory=dict)  # family -> (events, error) once read
 
 
 def _sha256_file(p: Path) -> str:
@@ -264,13 +268,23 @@ def _parts(d: Path) -> tuple[list[Path], list[str]]:
     return parts, other
 
 
-def load_inputs(ctx, fails: _Failures, rng: bool = True) -> Inputs:
+def load_inputs(ctx, fails: _Failures, rng: bool = True, pool: ThreadPoolExecutor | None = None) -> Inputs:
     """Read everything S9 checks; unreadable or missing inputs become failures, never exceptions (except the
     reference polygons, whose absence is an environment error). ``rng=False`` leaves the RNG logs to a later
-    :func:`load_rng_logs` (their hashing starts here, in the background)."""
+    :func:`load_rng_logs` (their hashing starts here, in the background); with a ``pool`` (two workers) the
+    polygons load on it while the datasets are read, and with ``rng=False`` the RNG logs' reading (and
+    reconciliation) starts on it too, :func:`load_rng_logs` then collecting the result."""
     inp = Inputs()
     # hash the RNG logs (GBs at 10^6 merchants) in the background while the datasets below are read and checked
     rnglog.prefetch_digests(ctx.data_root, ctx.ids, list(FAMILIES), ctx.config)
+    shapes_pending = None
+    if pool is not None:
+        # the reference polygons load meanwhile (used, and their errors raised, only when S7 has rows)
+        shapes_pending = pool.submit(_load_shapes, ctx)
+    if not rng and pool is not None:
+        # each read waits for its digest, then decodes; a family's table is published as soon as it is read
+        inp.rng_events_pending = {fam: Future() for fam in FAMILIES}
+        inp.rng_pending = pool.submit(_read_rng_logs, ctx, inp.rng_events_pending)
     s7_dir = Path(ctx.path("s7_site_synthesis"))
     if s7_dir.is_dir():
         parts, _ = _parts(s7_dir)
@@ -287,7 +301,8 @@ def load_inputs(ctx, fails: _Failures, rng: bool = True) -> Inputs:
                 fails.add("E904_EGRESS_SCHEMA_VIOLATION", "A902", "s7_site_synthesis does not match its schema",
                           rows=problems, dataset="s7_site_synthesis")
             try:
-                inp.s7 = sort_by_key(t.select(load_schema(s7_schema)["x-column-order"]).cast(arrow_schema(s7_schema)))
+                inp.s7 = sort_by_key(t.select(load_schema(s7_schema)["x-column-order"]).cast(arrow_schema(s7_schema))
+                                     .combine_chunks())  # one chunk per column: numpy views without copies
             except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                 inp.s7 = None
     else:
@@ -309,42 +324,76 @@ def load_inputs(ctx, fails: _Failures, rng: bool = True) -> Inputs:
         inp.bounds_found, inp.bounds = lookup_tile_bounds(
             ctx.path("tile_bounds"), inp.s7["legal_country_iso"],
             np.asarray(inp.s7["tile_id"].to_numpy(zero_copy_only=False), np.uint64))
-        from engine.segment1b import spatial
-
-        inp.shapes = spatial.load_world_countries(ctx.config["segment1b"]["inputs"]["world_countries"])
+        inp.shapes = shapes_pending.result() if shapes_pending is not None else _load_shapes(ctx)
     if rng:
         load_rng_logs(ctx, inp)
     return inp
 
 
+def _load_shapes(ctx) -> dict:
+    from engine.segment1b import spatial
+
+    return spatial.load_world_countries(ctx.config["segment1b"]["inputs"]["world_countries"])
+
+
 def load_rng_logs(ctx, inp: Inputs) -> None:
     """The RNG part of :func:`load_inputs`: both event families and the trace, each read once (string columns
-    kept dictionary-encoded as the mirrors store them) and handed to :func:`engine.core.rnglog.reconcile`.
-    Unreadable files are recorded, never raised. Their mirrors' sha256 checks were started in the background
-    by :func:`load_inputs`; :func:`validate` calls this last, after the dataset checks, so the hashing of the
-    logs (GBs at 10^6 merchants) overlaps that work."""
-    progress = Progress("1B.S9", total=len(FAMILIES) + 1, unit="rng logs")
-    for fam in FAMILIES:
-        try:
-            inp.events[fam] = rnglog.read_events(ctx.data_root, ctx.ids, fam, config=ctx.config, with_source=True,
-                                                 dictionary=True)
-        except EngineError as exc:
-            inp.events[fam] = None
-            inp.event_errors[fam] = f"{exc.code}: {exc.message}"
-        progress.advance(1)
+    kept dictionary-encoded as the mirrors store them; event columns no check reads are skipped:
+    :data:`_UNREAD_EVENT_COLUMNS`) and handed to :func:`engine.core.rnglog.reconcile`. Unreadable files are
+    recorded, never raised. Their mirrors' sha256 checks were started in the background by :func:`load_inputs`;
+    when it was given a pool, the reading and reconciliation run there meanwhile and are collected here
+    (:func:`validate` does this last, after the dataset and geometry checks)."""
+    pending = inp.rng_pending
+    inp.rng_pending = None
+    inp.rng_events_pending = {}
+    inp.events, inp.event_errors, inp.trace, inp.reconcile = (
+        pending.result() if pending is not None else _read_rng_logs(ctx))
+
+
+# event columns that neither reconcile (envelope, budgets, chains, failure rows) nor the A905 checks read
+_UNREAD_EVENT_COLUMNS = frozenset({"ts_utc", "u", "sigma_lat_deg", "sigma_lon_deg"})
+
+
+def _read_rng_logs(ctx, published: dict[str, Future] | None = None) -> tuple[dict, dict, pa.Table | None,
+                                                                              list[dict]]:
+    """(events by family, event read errors by family, trace, reconcile failures): see :func:`load_rng_logs`.
+    ``published``: family -> Future, each given ``(events or None, error or None)`` as soon as that family is
+    read (or the exception that ended this function)."""
+    events: dict[str, pa.Table | None] = {}
+    errors: dict[str, str] = {}
     try:
-        inp.trace = rnglog.read_trace(ctx.data_root, ctx.ids, ctx.config, dictionary=True)
+        progress = Progress("1B.S9", total=len(FAMILIES) + 1, unit="rng logs")
+        for fam in FAMILIES:
+            try:
+                d = dictionary.load("1B", ctx.config)
+                names = arrow_schema(load_schema(d.schema_ref("rng_event", family=fam))).names
+                cols = [c for c in names if c not in _UNREAD_EVENT_COLUMNS] + ["_part", "_line"]
+                events[fam] = rnglog.read_events(ctx.data_root, ctx.ids, fam, columns=cols, config=ctx.config,
+                                                 with_source=True, dictionary=True)
+            except EngineError as exc:
+                events[fam] = None
+                errors[fam] = f"{exc.code}: {exc.message}"
+            if published is not None:
+                published[fam].set_result((events[fam], errors.get(fam)))
+            progress.advance(1)
+    except BaseException as exc:
+        for fut in (published or {}).values():
+            if not fut.done():
+                fut.set_exception(exc)
+        raise
+    try:
+        trace = rnglog.read_trace(ctx.data_root, ctx.ids, ctx.config, dictionary=True)
     except EngineError:
-        inp.trace = None
+        trace = None
     progress.advance(1)
     progress.finish()
     try:
         # what could not be read here (a file not fitting its schema) reconcile reads and reports itself
-        inp.reconcile = rnglog.reconcile(ctx.data_root, ctx.ids, families=list(FAMILIES), chain=True,
-                                         config=ctx.config, trace=inp.trace,
-                                         events={f: t for f, t in inp.events.items() if t is not None})
+        rec = rnglog.reconcile(ctx.data_root, ctx.ids, families=list(FAMILIES), chain=True, config=ctx.config,
+                               trace=trace, events={f: t for f, t in events.items() if t is not None})
     except EngineError as exc:
-        inp.reconcile = [{"code": exc.code, "family": None, "detail": exc.message, "rows": exc.rows}]
+        rec = [{"code": exc.code, "family": None, "detail": exc.message, "rows": exc.rows}]
+    return events, errors, trace, rec
 
 
 # ====================================================================== checks
@@ -391,7 +440,7 @@ def _egress_checks(ctx, inp: Inputs, fails: _Failures) -> pa.Table | None:
             castable = False
     if not castable:
         return None
-    return pa.concat_tables(typed) if len(typed) > 1 else typed[0]
+    return (pa.concat_tables(typed) if len(typed) > 1 else typed[0]).combine_chunks()
 
 
 def _parity_clean(s7: pa.Table, s8: pa.Table) -> dict | None:
@@ -510,10 +559,11 @@ def _geometry_checks(inp: Inputs, fails: _Failures) -> dict:
     in_country = np.zeros(n, dtype=bool)
     iso = s7["legal_country_iso"]
     enc = pc.dictionary_encode(iso.combine_chunks() if isinstance(iso, pa.ChunkedArray) else iso)
-    idx = np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64)
+    names = enc.dictionary.to_pylist()
+    order, cuts = group_rows(enc.indices, len(names))
     no_polygon = []
-    for k, code in sorted(enumerate(enc.dictionary.to_pylist()), key=lambda x: x[1]):
-        rows = np.flatnonzero(idx == k)
+    for k, code in sorted(enumerate(names), key=lambda x: x[1]):
+        rows = order[cuts[k]:cuts[k + 1]]  # ascending
         shape = (inp.shapes or {}).get(code)
         if shape is None or not shape.parts:
             no_polygon.append(code)
@@ -600,8 +650,105 @@ def _jitter_clean(s7: pa.Table, ev: pa.Table, bounds: dict | None) -> bool:
     return not (known & ~((lon == lon7) & (lat == lat7))).any()
 
 
-def _rng_checks(ctx, inp: Inputs, fails: _Failures) -> dict:
-    """A905; returns the per-family summaries (s9_summary.rng.families, rng_accounting.json)."""
+def _coverage_checks(s7: pa.Table, bounds: dict | None, fam: str, ev: pa.Table) -> tuple[dict | None, list]:
+    """A905 cardinality checks of one family's events against S7 (for ``in_cell_jitter`` also the accepted
+    attempt's coordinates): (the family's coverage summary, the failures as ``_Failures.add`` argument tuples, in
+    order). Pure, so :func:`validate` runs it as soon as the family's events are read."""
+    code = "E907_RNG_BUDGET_OR_COUNTERS"
+    found: list[tuple[tuple, dict]] = []
+
+    def add(*args: Any, **kwargs: Any) -> None:
+        found.append((args, kwargs))
+
+    keys7 = s7.select([*KEY, "tile_id"])
+    if fam == "site_tile_assign":  # exactly one event per site, same tile
+        if _site_tile_clean(keys7, ev):
+            return {"sites_total": s7.num_rows, "events_missing": 0, "events_extra": 0, "events_duplicate": 0}, found
+        ev = rnglog.plain_strings(ev)
+        k5 = cast_keys(ev.select([*KEY, "tile_id"]), [*KEY, "tile_id"])
+        dup = duplicate_keys(k5)
+        missing, extra = key_differences(keys7, k5)
+        if dup.num_rows:
+            add(code, "A905", "more than one site_tile_assign event for a site", rows=first_rows(dup),
+                count=dup.num_rows, family="site_tile_assign")
+        if missing.num_rows:
+            add(code, "A905", "sites without a site_tile_assign event", rows=first_rows(missing),
+                count=missing.num_rows, family="site_tile_assign")
+        if extra.num_rows:
+            add(code, "A905", "site_tile_assign events for sites absent from s7_site_synthesis",
+                rows=first_rows(extra), count=extra.num_rows, family="site_tile_assign")
+        j = sort_by_key(keys7.join(k5.rename_columns([*KEY, "event_tile_id"]), list(KEY)))
+        bad = np.asarray(j["tile_id"].to_numpy(zero_copy_only=False), np.uint64) != np.asarray(
+            j["event_tile_id"].to_numpy(zero_copy_only=False), np.uint64)
+        if bad.any():
+            add(code, "A905", "site_tile_assign event tile_id differs from the site's tile",
+                rows=keys_where(j, bad, [*KEY, "tile_id", "event_tile_id"]), count=int(bad.sum()),
+                family="site_tile_assign")
+        return {"sites_total": s7.num_rows, "events_missing": missing.num_rows, "events_extra": extra.num_rows,
+                "events_duplicate": dup.num_rows}, found
+    if fam != "in_cell_jitter":
+        return None, found
+    # in_cell_jitter: >= 1 event per site; the last one is the accepted point
+    if _jitter_clean(s7, ev, bounds):
+        return {"sites_total": s7.num_rows, "sites_with_ge1_event": s7.num_rows, "sites_with_0_event": 0,
+                "events_extra": 0}, found
+    ev = rnglog.plain_strings(ev)
+    k6 = cast_keys(ev.select(list(KEY)))
+    missing, extra = key_differences(keys7, k6)
+    if missing.num_rows:
+        add(code, "A905", "sites without an in_cell_jitter event", rows=first_rows(missing),
+            count=missing.num_rows, family="in_cell_jitter")
+    if extra.num_rows:
+        add(code, "A905", "in_cell_jitter events for sites absent from s7_site_synthesis",
+            rows=first_rows(extra), count=extra.num_rows, family="in_cell_jitter")
+    with_events = s7.num_rows - missing.num_rows
+    coverage = {"sites_total": s7.num_rows, "sites_with_ge1_event": with_events,
+                "sites_with_0_event": missing.num_rows, "events_extra": extra.num_rows}
+    if ev.num_rows and bounds is not None:
+        last = cast_keys(_last_event_per_site(ev))
+        ref = s7.select([*KEY, "lon_deg", "lat_deg"]).append_column(
+            "centroid_lon_deg", pa.array(bounds["centroid_lon_deg"])).append_column(
+            "centroid_lat_deg", pa.array(bounds["centroid_lat_deg"]))
+        j = sort_by_key(ref.join(last, list(KEY)))
+        if j.num_rows:
+            g = {c: np.asarray(j[c].to_numpy(zero_copy_only=False), np.float64)
+                 for c in ("centroid_lon_deg", "centroid_lat_deg", "delta_lon_deg", "delta_lat_deg",
+                           "lon_deg", "lat_deg")}
+            lon, lat = synthesise_coordinates(g["centroid_lon_deg"], g["centroid_lat_deg"],
+                                              g["delta_lon_deg"], g["delta_lat_deg"])
+            known = np.isfinite(g["centroid_lon_deg"])  # unknown tiles are E709 already
+            bad = known & ~((lon == g["lon_deg"]) & (lat == g["lat_deg"]))
+            if bad.any():
+                add(code, "A905", "the last in_cell_jitter event of a site (its accepted attempt) does not "
+                    "reproduce the site's coordinates", rows=keys_where(j, bad, [*KEY, "lon_deg", "lat_deg",
+                                                                                 "delta_lon_deg", "delta_lat_deg"]),
+                    count=int(bad.sum()), family="in_cell_jitter")
+    return coverage, found
+
+
+def _early_coverage(inp: Inputs) -> dict:
+    """:func:`_coverage_checks` of each family whose events the background read publishes, while it goes on
+    (trace, reconciliation); ``{}`` without a background read (:func:`_rng_checks` then computes them)."""
+    out: dict = {}
+    if inp.s7 is None:
+        return out
+    for fam in ("site_tile_assign", "in_cell_jitter"):
+        fut = inp.rng_events_pending.get(fam)
+        if fut is None:
+            continue
+        try:
+            ev, _err = fut.result()
+        except Exception:  # noqa: BLE001 - load_rng_logs raises it (the background read's own exception)
+            return out
+        if ev is not None:
+            out[fam] = _coverage_checks(inp.s7, inp.bounds, fam, ev)
+    return out
+
+
+def _rng_checks(ctx, inp: Inputs, fails: _Failures, early: dict | None = None) -> dict:
+    """A905; returns the per-family summaries (s9_summary.rng.families, rng_accounting.json). ``early``: the
+    :func:`_coverage_checks` results already computed per family (their failures are added here, in the same
+    order as when computed here)."""
     code = "E907_RNG_BUDGET_OR_COUNTERS"
     per_family_fail: dict[str, dict] = {f: {"envelope": 0, "trace": False} for f in FAMILIES}
     for fam, msg in inp.event_errors.items():
@@ -628,75 +775,16 @@ def _rng_checks(ctx, inp: Inputs, fails: _Failures) -> dict:
         fails.add(code, "A905", "rng_trace_log missing", path=str(tpath))
 
     coverage: dict[str, dict] = {}
-    s7 = inp.s7
-    if s7 is not None:
-        keys7 = s7.select([*KEY, "tile_id"])
-        # site_tile_assign: exactly one event per site, same tile
-        ev = inp.events.get("site_tile_assign")
-        if ev is not None and _site_tile_clean(keys7, ev):
-            coverage["site_tile_assign"] = {"sites_total": s7.num_rows, "events_missing": 0, "events_extra": 0,
-                                            "events_duplicate": 0}
-        elif ev is not None:
-            ev = rnglog.plain_strings(ev)
-            k5 = cast_keys(ev.select([*KEY, "tile_id"]), [*KEY, "tile_id"])
-            dup = duplicate_keys(k5)
-            missing, extra = key_differences(keys7, k5)
-            if dup.num_rows:
-                fails.add(code, "A905", "more than one site_tile_assign event for a site", rows=first_rows(dup),
-                          count=dup.num_rows, family="site_tile_assign")
-            if missing.num_rows:
-                fails.add(code, "A905", "sites without a site_tile_assign event", rows=first_rows(missing),
-                          count=missing.num_rows, family="site_tile_assign")
-            if extra.num_rows:
-                fails.add(code, "A905", "site_tile_assign events for sites absent from s7_site_synthesis",
-                          rows=first_rows(extra), count=extra.num_rows, family="site_tile_assign")
-            j = sort_by_key(keys7.join(k5.rename_columns([*KEY, "event_tile_id"]), list(KEY)))
-            bad = np.asarray(j["tile_id"].to_numpy(zero_copy_only=False), np.uint64) != np.asarray(
-                j["event_tile_id"].to_numpy(zero_copy_only=False), np.uint64)
-            if bad.any():
-                fails.add(code, "A905", "site_tile_assign event tile_id differs from the site's tile",
-                          rows=keys_where(j, bad, [*KEY, "tile_id", "event_tile_id"]), count=int(bad.sum()),
-                          family="site_tile_assign")
-            coverage["site_tile_assign"] = {"sites_total": s7.num_rows, "events_missing": missing.num_rows,
-                                            "events_extra": extra.num_rows, "events_duplicate": dup.num_rows}
-        # in_cell_jitter: >= 1 event per site; the last one is the accepted point
-        ev = inp.events.get("in_cell_jitter")
-        if ev is not None and _jitter_clean(s7, ev, inp.bounds):
-            coverage["in_cell_jitter"] = {"sites_total": s7.num_rows, "sites_with_ge1_event": s7.num_rows,
-                                          "sites_with_0_event": 0, "events_extra": 0}
-        elif ev is not None:
-            ev = rnglog.plain_strings(ev)
-            k6 = cast_keys(ev.select(list(KEY)))
-            missing, extra = key_differences(keys7, k6)
-            if missing.num_rows:
-                fails.add(code, "A905", "sites without an in_cell_jitter event", rows=first_rows(missing),
-                          count=missing.num_rows, family="in_cell_jitter")
-            if extra.num_rows:
-                fails.add(code, "A905", "in_cell_jitter events for sites absent from s7_site_synthesis",
-                          rows=first_rows(extra), count=extra.num_rows, family="in_cell_jitter")
-            with_events = s7.num_rows - missing.num_rows
-            coverage["in_cell_jitter"] = {"sites_total": s7.num_rows, "sites_with_ge1_event": with_events,
-                                          "sites_with_0_event": missing.num_rows, "events_extra": extra.num_rows}
-            if ev.num_rows and inp.bounds is not None:
-                last = cast_keys(_last_event_per_site(ev))
-                ref = s7.select([*KEY, "lon_deg", "lat_deg"]).append_column(
-                    "centroid_lon_deg", pa.array(inp.bounds["centroid_lon_deg"])).append_column(
-                    "centroid_lat_deg", pa.array(inp.bounds["centroid_lat_deg"]))
-                j = sort_by_key(ref.join(last, list(KEY)))
-                if j.num_rows:
-                    g = {c: np.asarray(j[c].to_numpy(zero_copy_only=False), np.float64)
-                         for c in ("centroid_lon_deg", "centroid_lat_deg", "delta_lon_deg", "delta_lat_deg",
-                                   "lon_deg", "lat_deg")}
-                    lon, lat = synthesise_coordinates(g["centroid_lon_deg"], g["centroid_lat_deg"],
-                                                      g["delta_lon_deg"], g["delta_lat_deg"])
-                    known = np.isfinite(g["centroid_lon_deg"])  # unknown tiles are E709 already
-                    bad = known & ~((lon == g["lon_deg"]) & (lat == g["lat_deg"]))
-                    if bad.any():
-                        fails.add(code, "A905", "the last in_cell_jitter event of a site (its accepted attempt) "
-                                  "does not reproduce the site's coordinates",
-                                  rows=keys_where(j, bad, [*KEY, "lon_deg", "lat_deg", "delta_lon_deg",
-                                                           "delta_lat_deg"]), count=int(bad.sum()),
-                                  family="in_cell_jitter")
+    if inp.s7 is not None:
+        for fam in ("site_tile_assign", "in_cell_jitter"):
+            ev = inp.events.get(fam)
+            if ev is None:
+                continue
+            cov, found = (early or {}).get(fam) or _coverage_checks(inp.s7, inp.bounds, fam, ev)
+            for args, kwargs in found:
+                fails.add(*args, **kwargs)
+            if cov is not None:
+                coverage[fam] = cov
 
     families: dict[str, dict] = {}
     trace = inp.trace
@@ -743,11 +831,18 @@ def _composite(files: list[tuple[str, str]], directory: Path) -> str:
 
 def validate(ctx, log: StageLog | None = None) -> Result:
     """Run every S9 check from the stored files of ``ctx``'s run; build the bundle files in memory. Writes
-    nothing under ``data/`` (only stage lines when ``log`` is given)."""
-    ids = ctx.ids
+    nothing under ``data/`` (only stage lines when ``log`` is given). The RNG logs are read and reconciled on
+    a worker thread (the polygons on another) while the datasets are loaded and checked (same results: nothing
+    there depends on timing)."""
     fails = _Failures(ctx.data_root)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="s9-load") as pool:
+        return _validate(ctx, log, fails, pool)
+
+
+def _validate(ctx, log: StageLog | None, fails: _Failures, pool: ThreadPoolExecutor) -> Result:
+    ids = ctx.ids
     with _maybe_stage(log, "load_inputs") as extra:
-        inp = load_inputs(ctx, fails, rng=False)
+        inp = load_inputs(ctx, fails, rng=False, pool=pool)  # the RNG logs are read on ``pool`` meanwhile
         extra.update(rows_s7=None if inp.s7 is None else inp.s7.num_rows, egress_files=len(inp.egress_files))
     with _maybe_stage(log, "validate") as extra:
         _identity_checks(ctx, fails)
@@ -767,8 +862,10 @@ def validate(ctx, log: StageLog | None = None) -> Result:
         geometry = {}
         if inp.s7 is not None and inp.s7.num_rows:
             geometry = _geometry_checks(inp, fails)
-        load_rng_logs(ctx, inp)  # adds no failure itself: _rng_checks reports what could not be read
-        families = _rng_checks(ctx, inp, fails)
+        early = _early_coverage(inp)  # each family as soon as the background read has it
+        load_rng_logs(ctx, inp)  # (collects the background read) adds no failure itself: _rng_checks reports
+        # what could not be read
+        families = _rng_checks(ctx, inp, fails, early)
 
         s8_dir = Path(ctx.path("site_locations"))
         egress_files = [(name, sha) for name, _, sha in inp.egress_files]
