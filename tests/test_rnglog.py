@@ -56,7 +56,15 @@ def test_float_text_is_python_repr():
          1.7976931348623157e308, 2.5e-07, 0.9999999999999999],
     ])
     vals = vals[np.isfinite(vals)]
-    assert R._float_strings(vals).to_pylist() == [repr(float(v)) for v in vals]
+    want = [repr(float(v)) for v in vals]
+    assert R._float_strings(vals).to_pylist() == want
+    old = R._FLOAT_PAR_MIN
+    try:  # the two-thread path (large columns): same text, same order
+        R._FLOAT_PAR_MIN = 2
+        assert R._float_strings(vals).to_pylist() == want
+        assert R._float_strings(vals[:3]).to_pylist() == want[:3]
+    finally:
+        R._FLOAT_PAR_MIN = old
 
 
 def test_string_text_is_json_dumps():
@@ -593,7 +601,7 @@ def test_verified_digest_cache_never_hides_an_edit(tmp_path, monkeypatch):
     real = R._buffer_sha256
     monkeypatch.setattr(R, "_buffer_sha256", lambda b: hashed.append(len(b)) or real(b))
     for _ in range(2):
-        assert R.read_events(tmp_path, IDS, "gumbel_key")["draws"].to_pylist()[1] == "1"
+        assert R.read_events(tmp_path, IDS, "gumbel_key", verify="sha256")["draws"].to_pylist()[1] == "1"
     assert hashed == [p.stat().st_size]  # second read: cached digest
     _edit_line(p, 1, '"draws":"1"', '"draws":"3"')
     assert R.read_events(tmp_path, IDS, "gumbel_key")["draws"].to_pylist()[1] == "3"
@@ -712,6 +720,8 @@ def test_prefetched_digests_are_used_and_never_hide_an_edit(tmp_path, monkeypatc
     monkeypatch.setattr(R, "_SETTLED_NS", -1)  # treat the fresh files as settled
     monkeypatch.setattr(R, "_VERIFIED", {})
     monkeypatch.setattr(R, "_PENDING", {})
+    monkeypatch.setenv("ENGINE_RNGLOG_VERIFY", "sha256")  # the process default: always hash
+    assert R.prefetch_digests(tmp_path, IDS, ["gumbel_key", "nb_final"], verify="stat") == 0  # stat-trusted
     n = R.prefetch_digests(tmp_path, IDS, ["gumbel_key", "nb_final"])
     assert n == 3  # two event parts and the trace's one mirror segment
     assert R.prefetch_digests(tmp_path, IDS, ["gumbel_key"]) == 0  # already pending or verified
@@ -733,14 +743,14 @@ def test_prefetched_digests_are_used_and_never_hide_an_edit(tmp_path, monkeypatc
     assert R.read_events(tmp_path, IDS, "gumbel_key")["draws"].to_pylist()[1] == "5"
 
 
-def test_mirrors_are_zstd_and_hash_thread_honours_the_offset(tmp_path):
+def test_mirrors_are_lz4_and_hash_thread_honours_the_offset(tmp_path):
     import hashlib
 
     import pyarrow.parquet as pq
 
     p = _write_gumbel(tmp_path)
     md = pq.ParquetFile(R.mirror_path(p)).metadata
-    assert md.row_group(0).column(0).compression == "ZSTD"
+    assert md.row_group(0).column(0).compression == "LZ4"
     chunks = [np.frombuffer(bytes([i % 251]) * (1000 + i), np.uint8) for i in range(40)]
     data = b"".join(c.tobytes() for c in chunks)
     for start in (0, 1, 999, 5000, len(data) - 1):
@@ -794,3 +804,230 @@ def test_close_runs_alongside_after_its_checks_and_raises_its_error(tmp_path):
     with pytest.raises(RngError, match="E_RNG_AUDIT_MISSING"):
         logs.close(alongside=lambda: calls.append("too early"))
     assert calls == ["published"]
+
+
+# ---------------------------------------------------------------------- stat fast path, direct I/O, parallel render
+def _count_hashes(monkeypatch) -> list:
+    hashed: list = []
+    real = R._buffer_sha256
+    monkeypatch.setattr(R, "_buffer_sha256", lambda b: hashed.append(len(b)) or real(b))
+    monkeypatch.setattr(R, "_VERIFIED", {})
+    monkeypatch.setattr(R, "_PENDING", {})
+    return hashed
+
+
+def _same_size_edit_keeping_mtime(path: Path, old: bytes, new: bytes) -> None:
+    import os
+
+    st = path.stat()
+    data = path.read_bytes()
+    assert len(old) == len(new) and old in data
+    path.write_bytes(data.replace(old, new, 1))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as the writer left them
+    st2 = path.stat()
+    assert (st2.st_size, st2.st_mtime_ns, st2.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    assert st2.st_ctime_ns != st.st_ctime_ns
+
+
+def test_stat_fast_path_trusts_only_an_unchanged_file(tmp_path, monkeypatch):
+    p = _write_gumbel(tmp_path)
+    meta = R._mirror_meta(R.mirror_path(p))[1]
+    assert R._stat_matches(meta["stat"], p.stat())
+    hashed = _count_hashes(monkeypatch)
+    want = R.read_events(tmp_path, IDS, "gumbel_key", source="jsonl")
+    with monkeypatch.context() as m:
+        _mirror_only(m)
+        assert R.read_events(tmp_path, IDS, "gumbel_key").equals(want)
+        assert R.read_trace(tmp_path, IDS).num_rows == 6
+        assert R.reconcile(tmp_path, IDS) == []
+        assert hashed == []  # trusted by stat: nothing hashed
+        assert R.prefetch_digests(tmp_path, IDS, ["gumbel_key", "nb_final"]) == 0
+        # forced full verification (archival audits): argument or process default
+        assert R.read_events(tmp_path, IDS, "gumbel_key", verify="sha256").equals(want)
+        assert hashed == [p.stat().st_size]
+        m.setenv("ENGINE_RNGLOG_VERIFY", "sha256")
+        hashed.clear()
+        assert R.read_trace(tmp_path, IDS).num_rows == 6
+        assert len(hashed) == 1
+    with pytest.raises(ValueError):
+        R.read_events(tmp_path, IDS, "gumbel_key", verify="trust")
+    # a same-size edit with mtime restored: ctime differs, the file is hashed and the edit seen
+    _same_size_edit_keeping_mtime(p, b'"draws":"1"', b'"draws":"7"')
+    assert R.read_events(tmp_path, IDS, "gumbel_key")["draws"].to_pylist()[0] == "7"
+    tpath = R.trace_path(tmp_path, IDS)
+    _same_size_edit_keeping_mtime(tpath, b'"draws_total":1,', b'"draws_total":9,')
+    assert "E_TRACE_TOTALS_MISMATCH" in _codes(R.reconcile(tmp_path, IDS))
+
+
+def test_copied_root_hashes_and_still_uses_its_mirrors(tmp_path, monkeypatch):
+    import shutil
+
+    _s2_writer(tmp_path / "a").close()
+    _hurdle_writer(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # copy2: mtime kept, inode and ctime new
+    hashed = _count_hashes(monkeypatch)
+    want = R.read_trace(tmp_path / "a", IDS, source="jsonl")
+    with monkeypatch.context() as m:
+        _mirror_only(m)
+        assert R.read_trace(tmp_path / "b", IDS).equals(want)
+        assert R.reconcile(tmp_path / "b", IDS, chain=True) == []
+    assert len(hashed) >= 3  # two trace segments and the event parts were hashed, then trusted
+
+
+def test_trace_stat_chain_is_extended_only_over_an_unchanged_file(tmp_path, monkeypatch):
+    _s2_writer(tmp_path).close()
+    _hurdle_writer(tmp_path)
+    tpath = R.trace_path(tmp_path, IDS)
+    segs = R._trace_segments(tpath)
+    assert [len(s[4]["stat_chain"]) for s in segs] == [1, 2]
+    assert segs[1][4]["stat_chain"][0] == [segs[0][0], segs[0][1], segs[0][2]]
+    hashed = _count_hashes(monkeypatch)
+    with monkeypatch.context() as m:
+        _mirror_only(m)
+        assert R.reconcile(tmp_path, IDS) == []
+    assert hashed == []
+    # the file changed between two appends (same size, mtime restored): the next appender vouches only for its
+    # own range, so the earlier one is hashed -- and the edit found -- from then on
+    root2 = tmp_path / "r2"
+    _s2_writer(root2).close()
+    t2 = R.trace_path(root2, IDS)
+    _same_size_edit_keeping_mtime(t2, b'"events_total":1,', b'"events_total":8,')
+    _hurdle_writer(root2)
+    segs = R._trace_segments(t2)
+    assert [len(s[4]["stat_chain"]) for s in segs] == [1, 1]
+    hashed.clear()
+    assert "E_TRACE_TOTALS_MISMATCH" in _codes(R.reconcile(root2, IDS)) or \
+        "E_TRACE_COVERAGE_MISSING" in _codes(R.reconcile(root2, IDS))
+    assert hashed  # the first segment no longer verifies by stat
+    assert R.read_trace(root2, IDS).equals(R.read_trace(root2, IDS, source="jsonl"))
+
+
+def test_settled_stat_waits_past_the_timestamp_tick(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"x")
+    rec = R._settled_stat(p)
+    assert rec is not None and R._stat_matches(rec, p.stat())
+    assert R._clock_ns() >= rec["ctime_ns"]  # any later change gets a later ctime
+
+
+def _direct_roundtrip(d: Path) -> None:
+    import os
+
+    from engine.core import _direct_io as D
+
+    rng = np.random.default_rng(7)
+    want = bytearray()
+    path = d / "x.bin"
+    fd, direct = D.open_fd(path)
+    w = D.SeqWriter(fd, 0, direct)
+    buf = D.aligned_empty(3 * D.BLOCK + 4096 * 8)
+    for i in range(30):
+        n = int(rng.integers(0, 3 * D.BLOCK))
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        if i % 3 == 0:  # placed at the phase, as the renderer does: written without a copy
+            ph = w.phase()
+            buf[ph:ph + n] = data
+            w.write(buf[ph:ph + n])
+        elif i % 3 == 1:
+            w.write(data.tobytes())
+        else:
+            w.write(memoryview(np.concatenate([[0], data]).astype(np.uint8))[1:])  # odd address
+        want += data.tobytes()
+    w.finish()
+    os.fsync(fd)
+    os.close(fd)
+    assert path.read_bytes() == bytes(want)
+    # appends at an unaligned offset rewrite the partial block unchanged
+    for _ in range(3):
+        extra = rng.integers(0, 256, int(rng.integers(1, 2 * D.BLOCK)), dtype=np.uint8).tobytes()
+        fd, direct = D.open_fd(path, append=True)
+        w = D.SeqWriter(fd, len(want), direct)
+        w.write(extra)
+        w.finish()
+        os.close(fd)
+        want += extra
+        assert path.read_bytes() == bytes(want)
+
+
+def test_direct_writer_bytes_on_disk_and_tmpfs(tmp_path):
+    _direct_roundtrip(tmp_path)
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=shm) as d:
+            _direct_roundtrip(Path(d))
+
+
+def _fixed_ts(monkeypatch) -> None:
+    monkeypatch.setattr(R, "utc_now", lambda: "2026-01-01T00:00:00.000000Z")
+
+
+def _log_bytes(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "logs").rglob("*.jsonl"))}
+
+
+def test_direct_io_fallbacks_give_the_same_bytes(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import os
+
+    from engine.core import _direct_io as D
+
+    _fixed_ts(monkeypatch)
+    _s2_writer(tmp_path / "ref").close()
+    _hurdle_writer(tmp_path / "ref", 200)
+    ref = _log_bytes(tmp_path / "ref")
+    real_open, real_pwrite = os.open, os.pwrite
+    with monkeypatch.context() as m:  # the file system refuses O_DIRECT at open (tmpfs on older kernels)
+        m.setattr(os, "open", lambda p, fl, *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "no O_DIRECT"))
+                  if fl & D.O_DIRECT else real_open(p, fl, *a))
+        _s2_writer(tmp_path / "a").close()
+        _hurdle_writer(tmp_path / "a", 200)
+    assert _log_bytes(tmp_path / "a") == ref
+    refused = []
+
+    def pwrite(fd, data, off):  # ... or at the first write: O_DIRECT is cleared, the write retried buffered
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & D.O_DIRECT:
+            refused.append(off)
+            raise OSError(errno.EINVAL, "no O_DIRECT")
+        return real_pwrite(fd, data, off)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", pwrite)
+        m.setattr(R, "_CHUNK_BYTES", 5000)  # several chunks, whole blocks among them
+        _s2_writer(tmp_path / "b").close()
+        _hurdle_writer(tmp_path / "b", 200)
+    assert _log_bytes(tmp_path / "b") == ref
+    if D.enabled():
+        assert refused
+    with monkeypatch.context() as m:  # O_DIRECT disabled by the environment
+        m.setenv("ENGINE_DIRECT_IO", "0")
+        _s2_writer(tmp_path / "c").close()
+        _hurdle_writer(tmp_path / "c", 200)
+    assert _log_bytes(tmp_path / "c") == ref
+    assert R.reconcile(tmp_path / "b", IDS, chain=True) == []
+
+
+def test_parallel_render_keeps_the_line_order(tmp_path, monkeypatch):
+    _fixed_ts(monkeypatch)
+    n = 3000
+    mids = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(2 ** 40 + 12345)
+
+    def write(root: Path) -> dict:
+        logs = logs_with_audit(root)
+        logs.add_events("hurdle_bernoulli", "1A.hurdle_sampler", "hurdle_bernoulli", dict(
+            counters([1] * n, 2 ** 66), draws=[1] * n, merchant_id=mids, pi=np.linspace(0.001, 0.999, n),
+            u=np.linspace(1e-9, 0.5, n), is_multi=np.arange(n) % 3 == 0, deterministic=[False] * n))
+        logs.close()
+        return _log_bytes(root)
+
+    with monkeypatch.context() as m:
+        m.setattr(R, "_PAR_MIN_ROWS", 10 ** 9)
+        ref = write(tmp_path / "serial")
+    with monkeypatch.context() as m:
+        m.setattr(R, "_PAR_MIN_ROWS", 2)
+        m.setattr(R, "_CHUNK_BYTES", 50_000)  # many chunks, each rendered as two halves
+        got = write(tmp_path / "parallel")
+    assert got == ref
+    assert len(next(v for k, v in got.items() if "events" in k).splitlines()) == n
