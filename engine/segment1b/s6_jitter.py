@@ -49,9 +49,6 @@ FAMILY = "in_cell_jitter"
 MODULE = "1B.S6.jitter"
 LABEL = "in_cell_jitter"
 PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "contracts" / "schemas" / "1B"
-SCHEMA = SCHEMA_DIR / "s6_site_jitter.schema.json"
-ASSIGN_SCHEMA = SCHEMA_DIR / "s5_site_tile_assignment.schema.json"
 POLICY_NAME = "policy.s6.jitter.yaml"
 MODES = ("uniform_v1", "mixture_v2")
 MAX_ATTEMPTS_RANGE = (1, 256)
@@ -191,7 +188,10 @@ def groups(codes: np.ndarray):
     codes = np.asarray(codes)
     if codes.shape[0] == 0:
         return []
-    order = np.argsort(codes, kind="stable")
+    if codes.dtype.kind in "iu" and int(codes.min()) >= 0 and int(codes.max()) < 32768:
+        order = np.argsort(codes.astype(np.int16), kind="stable")  # same order: numpy's radix sort for int16
+    else:
+        order = np.argsort(codes, kind="stable")
     cs = codes[order]
     cut = np.flatnonzero(cs[1:] != cs[:-1]) + 1
     bounds = np.concatenate([[0], cut, [cs.shape[0]]])
@@ -218,44 +218,62 @@ def jitter(key, hi, lo, bounds: dict, site_country: np.ndarray, shapes: dict, in
     Returns per-site ``delta_lon, delta_lat, lon, lat, attempts`` (0 = exhausted) and the events
     (``site``, ``attempt``, counters, deltas, sigmas) ordered by (site, attempt). ``progress`` (optional
     :class:`engine.core.progress.Progress`) is advanced by the sites accepted in each round (logs only).
+
+    The uniform lane runs each round in one numba pass (:func:`engine.segment1b._s6_kernels.uniform_step`),
+    keeping no per-round event columns: once every site's attempt count is known, the events are rebuilt in
+    (site, attempt) order in one sequential pass (:func:`engine.segment1b._s6_kernels.uniform_events`, same
+    draws, same arithmetic). The mixture lane runs in numpy and its events land in their slots round by round
+    (:func:`engine.segment1b._s6_kernels.scatter_round`). The points needing the polygon test are grouped by
+    country (a stable radix sort of the small country codes) and tested country by country.
     """
+    from engine.segment1b._s6_kernels import scatter_round, uniform_events, uniform_step
+
     n = np.asarray(key).shape[0]
-    key = np.asarray(key, dtype=np.uint64)
+    codes = np.asarray(site_country)
+    small = n > 0 and 0 <= int(codes.min()) and int(codes.max()) < 32768
+    codes = codes.astype(np.int16 if small else np.int64)  # int16: numpy's stable argsort is a radix sort
+    key = np.ascontiguousarray(key, dtype=np.uint64)
     hi_cur = np.array(hi, dtype=np.uint64, copy=True)
     lo_cur = np.array(lo, dtype=np.uint64, copy=True)
-    min_lon, max_lon = bounds["min_lon"], bounds["max_lon"]
-    min_lat, max_lat = bounds["min_lat"], bounds["max_lat"]
-    c_lon, c_lat = bounds["c_lon"], bounds["c_lat"]
+    min_lon, max_lon, min_lat, max_lat, c_lon, c_lat = (
+        np.ascontiguousarray(bounds[k], dtype=np.float64)
+        for k in ("min_lon", "max_lon", "min_lat", "max_lat", "c_lon", "c_lat"))
+    inter = np.ascontiguousarray(interior, dtype=bool)
+    uniform = policy.mode == "uniform_v1"
     res = {"delta_lon": np.full(n, np.nan), "delta_lat": np.full(n, np.nan), "lon": np.full(n, np.nan),
            "lat": np.full(n, np.nan), "attempts": np.zeros(n, np.int32)}
-    ev: dict[str, list] = {k: [] for k in ("site", "attempt", "before_hi", "before_lo", "after_hi", "after_lo",
-                                           "delta_lon", "delta_lat", "sigma")}
+    rounds: list = []
     active = np.arange(n, dtype=np.int64)
     for attempt in range(1, policy.max_attempts + 1):
         if active.size == 0:
             break
-        b_hi, b_lo = hi_cur[active], lo_cur[active]
-        u_lon, u_lat, a_hi, a_lo = samplers.uniform2_vec(key[active], b_hi, b_lo)
-        lo_x, lo_y = min_lon[active], min_lat[active]
-        sx, sy = max_lon[active] - lo_x, max_lat[active] - lo_y
-        if policy.mode == "uniform_v1":
-            px = lo_x + u_lon * sx
-            py = lo_y + u_lat * sy
-            sigma = np.zeros(active.size)
+        m = active.size
+        if uniform:  # counters advance in place; the events are rebuilt after the rounds
+            dlon, dlat, qx, qy = np.empty(m), np.empty(m), np.empty(m), np.empty(m)
+            ok = np.empty(m, dtype=bool)
+            uniform_step(active, key, hi_cur, lo_cur, min_lon, max_lon, min_lat, max_lat, c_lon, c_lat, inter,
+                         dlon, dlat, qx, qy, ok)
         else:
+            b_hi, b_lo = hi_cur[active], lo_cur[active]
+            u_lon, u_lat, a_hi, a_lo = samplers.uniform2_vec(key[active], b_hi, b_lo)
+            lo_x, lo_y = min_lon[active], min_lat[active]
+            sx, sy = max_lon[active] - lo_x, max_lat[active] - lo_y
             px, py, sigma = mixture_points(u_lon, u_lat, lo_x, sx, lo_y, sy, policy)
-        dlon = px - c_lon[active]
-        dlat = py - c_lat[active]
-        qx, qy = reconstruct(c_lon[active], c_lat[active], dlon, dlat)
-        ok = interior[active] & (qx >= lo_x) & (qx <= max_lon[active]) & (qy >= lo_y) & (qy <= max_lat[active])
+            dlon = px - c_lon[active]
+            dlat = py - c_lat[active]
+            qx, qy = reconstruct(c_lon[active], c_lat[active], dlon, dlat)
+            ok = inter[active] & (qx >= lo_x) & (qx <= max_lon[active]) & (qy >= lo_y) & (qy <= max_lat[active])
         need = np.flatnonzero(~ok)
-        for c, g in groups(site_country[active[need]]):
-            sel = need[g]
-            ok[sel] = shapes[c].contains_points(qx[sel], qy[sel])
-        for k, v in (("site", active), ("attempt", np.full(active.size, attempt, np.int32)), ("before_hi", b_hi),
-                     ("before_lo", b_lo), ("after_hi", a_hi), ("after_lo", a_lo), ("delta_lon", dlon),
-                     ("delta_lat", dlat), ("sigma", sigma)):
-            ev[k].append(v)
+        if need.size:
+            cn = codes[active[need]]
+            o = np.argsort(cn, kind="stable")
+            need, cn = need[o], cn[o]
+            edges = np.concatenate([[0], np.flatnonzero(cn[1:] != cn[:-1]) + 1, [need.size]])
+            for j in range(edges.shape[0] - 1):
+                sel = need[edges[j]:edges[j + 1]]
+                ok[sel] = shapes[int(cn[edges[j]])].contains_points(qx[sel], qy[sel], indexed=True)
+        if not uniform:
+            rounds.append((active, b_hi, b_lo, a_hi, a_lo, dlon, dlat, np.ascontiguousarray(sigma, np.float64)))
         acc = active[ok]
         if progress is not None:
             progress.advance(acc.size)
@@ -266,19 +284,27 @@ def jitter(key, hi, lo, bounds: dict, site_country: np.ndarray, shapes: dict, in
         res["attempts"][acc] = attempt
         keep = ~ok
         active = active[keep]
-        hi_cur[active] = a_hi[keep]
-        lo_cur[active] = a_lo[keep]
+        if not uniform:
+            hi_cur[active] = a_hi[keep]
+            lo_cur[active] = a_lo[keep]
     # events in (site, attempt) order without a sort: site s owns slots off[s] .. off[s] + attempts_s - 1
     # (every site draws at least once: max_attempts >= 1; exhausted sites drew max_attempts times)
     made = np.where(res["attempts"] > 0, res["attempts"], policy.max_attempts).astype(np.int64)
     off = np.zeros(n, np.int64)
     off[1:] = np.cumsum(made)[:-1]
     total = int(made.sum())
-    events = {k: np.empty(total, dtype=parts[0].dtype if parts else np.float64) for k, parts in ev.items()}
-    for r, sites in enumerate(ev["site"]):
-        pos = off[sites] + r  # round r + 1 is attempt r + 1 of every site still active in it
-        for k in ev:
-            events[k][pos] = ev[k][r]
+    dtypes = {"site": np.int64, "attempt": np.int32, "before_hi": np.uint64, "before_lo": np.uint64,
+              "after_hi": np.uint64, "after_lo": np.uint64, "delta_lon": np.float64, "delta_lat": np.float64,
+              "sigma": np.float64}
+    events = {k: np.empty(total, dtype=dt) for k, dt in dtypes.items() if not (uniform and k == "sigma")}
+    if uniform:
+        base_hi, base_lo = np.ascontiguousarray(hi, dtype=np.uint64), np.ascontiguousarray(lo, dtype=np.uint64)
+        uniform_events(made, key, base_hi, base_lo, min_lon, max_lon, min_lat, max_lat, c_lon, c_lat,
+                       *events.values())
+        events["sigma"] = np.zeros(total)
+    for r, (sites, *cols) in enumerate(rounds):
+        # round r + 1 is attempt r + 1 of every site still active in it
+        scatter_round(off, r, sites, np.int32(r + 1), *cols, *events.values())
     res["events"] = events
     return res
 
@@ -286,14 +312,30 @@ def jitter(key, hi, lo, bounds: dict, site_country: np.ndarray, shapes: dict, in
 # ============================================================================================
 # inputs
 # ============================================================================================
-def site_bounds(bounds_dir: Path, labels: np.ndarray, site_code: np.ndarray, site_tile: np.ndarray) -> dict:
-    """Per-site rectangle and centroid from ``tile_bounds`` (``E606_FK_TILE_INDEX`` when a tile is absent)."""
+def _read_bounds(bounds_dir: Path, iso: str):
+    """One country's ``tile_bounds`` rows (:data:`BOUNDS_COLUMNS`), ``None`` when absent: the per-country file read
+    with ``pq.ParquetFile`` (no dataset machinery), other partition layouts through
+    :func:`engine.segment1b.s4_alloc_plan.read_country_table`."""
+    import pyarrow.parquet as pq
+
+    from engine.segment1b import spatial
+
+    p = Path(bounds_dir) / spatial.country_part_name(iso)
+    if p.is_file():
+        return pq.ParquetFile(p).read(columns=BOUNDS_COLUMNS)
     from engine.segment1b.s4_alloc_plan import read_country_table
 
+    return read_country_table(bounds_dir, iso, BOUNDS_COLUMNS)
+
+
+def site_bounds(bounds_dir: Path, labels: np.ndarray, site_code: np.ndarray, site_tile: np.ndarray,
+                grp: list | None = None) -> dict:
+    """Per-site rectangle and centroid from ``tile_bounds`` (``E606_FK_TILE_INDEX`` when a tile is absent).
+    ``grp``: :func:`groups` of ``site_code`` when the caller has it."""
     n = site_code.shape[0]
     out = {k: np.empty(n) for k in ("min_lon", "max_lon", "min_lat", "max_lat", "c_lon", "c_lat")}
-    for c, sel in groups(site_code):
-        t = read_country_table(bounds_dir, str(labels[c]), BOUNDS_COLUMNS)
+    for c, sel in groups(site_code) if grp is None else grp:
+        t = _read_bounds(bounds_dir, str(labels[c]))
         tid = np.asarray(t["tile_id"].to_numpy(), dtype=np.uint64) if t is not None else np.zeros(0, np.uint64)
         # S1 writes tile_id order: the stable sort is then the identity
         order = np.arange(tid.shape[0]) if bool((tid[1:] >= tid[:-1]).all()) else np.argsort(tid, kind="stable")
@@ -312,11 +354,13 @@ def site_bounds(bounds_dir: Path, labels: np.ndarray, site_code: np.ndarray, sit
     return out
 
 
-def site_interior(shapes: dict, site_code: np.ndarray, site_tile: np.ndarray, b: dict) -> np.ndarray:
-    """Interior flag per site, computed once per distinct (country, tile)."""
+def site_interior(shapes: dict, site_code: np.ndarray, site_tile: np.ndarray, b: dict,
+                  grp: list | None = None) -> np.ndarray:
+    """Interior flag per site, computed once per distinct (country, tile). ``grp``: :func:`groups` of
+    ``site_code`` when the caller has it."""
     n = site_code.shape[0]
     out = np.zeros(n, dtype=bool)
-    for c, sel in groups(site_code):
+    for c, sel in groups(site_code) if grp is None else grp:
         ut, first, inv = np.unique(site_tile[sel], return_index=True, return_inverse=True)
         f = sel[first]
         flags = interior_tiles(shapes[c], b["min_lon"][f], b["min_lat"][f], b["max_lon"][f], b["max_lat"][f])
@@ -330,7 +374,7 @@ def compute(ctx) -> tuple[pa.Table, dict, dict]:
 
     s0_gate.require_receipt(ctx)
     policy = load_policy(ctx.config["segment1b"]["parameters"][POLICY_NAME])
-    a = read_dataset(ctx.path("s5_site_tile_assignment"), ASSIGN_SCHEMA)
+    a = read_dataset(ctx.path("s5_site_tile_assignment"), ctx.schema_path("s5_site_tile_assignment"))
     if a.num_rows == 0:
         raise InputError("E601_ROW_MISSING", "s5_site_tile_assignment is empty", path=ctx.path("s5_site_tile_assignment"))
     codes, labels = iso_codes_array(a["legal_country_iso"])
@@ -351,8 +395,9 @@ def compute(ctx) -> tuple[pa.Table, dict, dict]:
         raise InputError("E608_POINT_OUTSIDE_COUNTRY", "countries without polygons in world_countries",
                          rows=missing)
     shapes = {int(np.flatnonzero(labels == c)[0]): all_shapes[c] for c in used}
-    b = site_bounds(Path(ctx.path("tile_bounds")), labels, codes, tile)
-    interior = site_interior(shapes, codes, tile, b)
+    grp = groups(codes)  # one stable sort by country, shared by the per-country steps
+    b = site_bounds(Path(ctx.path("tile_bounds")), labels, codes, tile, grp)
+    interior = site_interior(shapes, codes, tile, b, grp)
     M = rng.master_material(SEGMENT, ctx.ids.fingerprint_bytes, ctx.ids.seed)
     key, hi, lo = site_streams(M, mid, labels[codes], so)
     prog = Progress("1B.S6", total=mid.shape[0], unit="sites placed")
@@ -408,14 +453,15 @@ def run(ctx) -> None:
     from engine.core.schema import arrow_schema, validate_table
 
     table, events, report = compute(ctx)
-    problems = validate_table(table, SCHEMA) if table is not None else []
+    schema = ctx.schema_path("s6_site_jitter")
+    problems = validate_table(table, schema) if table is not None else []
     logs = RngLogs(ctx.data_root, SEGMENT, ctx.ids, ctx.config)
     n = logs.add_events(FAMILY, MODULE, LABEL, events)
 
     def publish_jitter() -> None:
         with publish.staged(ctx.path("s6_site_jitter"), PUBLISH_CODE) as tmp:
             # rows in writer order (merchant_id, legal_country_iso, site_order)
-            publish.write_parquet(table, Path(tmp) / "part-00000.parquet", schema=arrow_schema(SCHEMA))
+            publish.write_parquet(table, Path(tmp) / "part-00000.parquet", schema=arrow_schema(schema))
 
     # on E613 / E612 too the logs are written: the attempts drawn stay as evidence (spec 1B 8 step 7); a valid
     # table is published while the lines are written (once the logs' checks passed)
@@ -424,5 +470,5 @@ def run(ctx) -> None:
     if table is None:
         raise report["failure"]
     if problems:
-        raise ModelError("E612_DICT_SCHEMA_MISMATCH", "s6_site_jitter does not match its schema", path=SCHEMA,
+        raise ModelError("E612_DICT_SCHEMA_MISMATCH", "s6_site_jitter does not match its schema", path=schema,
                          rows=problems)

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.core import dictionary, publish
+from engine.core import publish
 from engine.core.errors import EngineError, InputError
 from engine.core.schema import arrow_schema, validate_table
 
@@ -57,11 +57,6 @@ _KEY_TYPES = {"merchant_id": pa.uint64(), "legal_country_iso": pa.string(), "sit
 
 
 # ====================================================================== shared helpers
-def schema_path(ctx, dataset_id: str) -> Path:
-    """The dataset's JSON row schema through the (possibly user-supplied) 1B dictionary."""
-    return dictionary.load("1B", ctx.config).schema_path(dataset_id)
-
-
 def cast_keys(table: pa.Table, columns: Sequence[str] = KEY) -> pa.Table:
     """Cast key columns to their canonical types (u64 ids never through signed types, decision 12)."""
     for c in columns:
@@ -613,7 +608,7 @@ def run_with_report(ctx) -> dict:
                          path=s6_path, rows=[c for c in want6 if c not in s6.column_names])
     out, summary = synthesise(s5, s6, cat, ctx.path("tile_bounds"), ctx.ids.manifest_fingerprint)
 
-    spath = schema_path(ctx, "s7_site_synthesis")
+    spath = ctx.schema_path("s7_site_synthesis")
     problems = validate_table(out, spath)
     if problems:
         raise EngineError("E704_SCHEMA_VIOLATION", "s7_site_synthesis does not match its schema", rows=problems)

@@ -31,7 +31,6 @@ from engine.segment1b.s7_synthesis import (
     duplicate_keys,
     first_rows,
     key_order,
-    schema_path,
     sort_by_key,
     writer_sort,
 )
@@ -75,7 +74,7 @@ def run_with_report(ctx) -> dict:
                                  "manifest_fingerprint": ids.manifest_fingerprint}, (), "E805_PARTITION_OR_IDENTITY")
     _check_tokens(out_path, ids, {"seed": str(ids.seed), "manifest_fingerprint": ids.manifest_fingerprint},
                   ("parameter_hash", "run_id"), "E805_PARTITION_OR_IDENTITY")
-    s7_schema = schema_path(ctx, "s7_site_synthesis")
+    s7_schema = ctx.schema_path("s7_site_synthesis")
     try:
         s7 = publish.read_parquet_dir(s7_path).combine_chunks()  # one chunk per column: numpy views, no copies
     except EngineError as exc:
@@ -89,7 +88,7 @@ def run_with_report(ctx) -> dict:
         raise InputError("E803_DUP_KEY", "s7_site_synthesis has duplicate site keys", path=s7_path,
                          rows=first_rows(d), detail={"count": d.num_rows})
     out = project(s7)
-    egress_schema = schema_path(ctx, "site_locations")
+    egress_schema = ctx.schema_path("site_locations")
     problems = validate_table(out, egress_schema)
     if problems:
         raise EngineError("E804_SCHEMA_VIOLATION", "site_locations does not match its schema", rows=problems)

@@ -92,7 +92,6 @@ from engine.segment1b.s7_synthesis import (
     lookup_tile_bounds,
     orderable,
     same_keys,
-    schema_path,
     sort_by_key,
     synthesise_coordinates,
 )
@@ -290,7 +289,7 @@ def load_inputs(ctx, fails: _Failures, rng: bool = True, pool: ThreadPoolExecuto
         parts, _ = _parts(s7_dir)
         inp.s7_files = [(p.name, _sha256_file(p)) for p in parts]
         tables = [pq.ParquetFile(p).read() for p in parts]
-        s7_schema = schema_path(ctx, "s7_site_synthesis")
+        s7_schema = ctx.schema_path("s7_site_synthesis")
         t = pa.concat_tables(tables) if len(tables) > 1 else (tables[0] if tables else None)
         if t is None:
             fails.add("E905_PARTITION_OR_IDENTITY", "A903", "s7_site_synthesis partition holds no part file",
@@ -399,7 +398,7 @@ def _read_rng_logs(ctx, published: dict[str, Future] | None = None) -> tuple[dic
 # ====================================================================== checks
 def _egress_checks(ctx, inp: Inputs, fails: _Failures) -> pa.Table | None:
     """A902 per file, A903 path/contents, returns the typed concatenation (None when not castable)."""
-    spath = schema_path(ctx, "site_locations")
+    spath = ctx.schema_path("site_locations")
     target = arrow_schema(spath)
     s8_dir = Path(ctx.path("site_locations"))
     rel = s8_dir.relative_to(ctx.data_root) if s8_dir.is_relative_to(ctx.data_root) else s8_dir
@@ -526,7 +525,7 @@ def _identity_checks(ctx, fails: _Failures) -> None:
 def _dictionary_checks(ctx, fails: _Failures) -> None:
     d = dictionary.load("1B", ctx.config)
     e = d.entry("site_locations")
-    cols = load_schema(schema_path(ctx, "site_locations")).get("x-column-order")
+    cols = load_schema(ctx.schema_path("site_locations")).get("x-column-order")
     problems = []
     if tuple(e.writer_sort) != KEY:
         problems.append(f"writer_sort {list(e.writer_sort)} != {list(KEY)}")

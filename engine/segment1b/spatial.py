@@ -5,7 +5,8 @@ Two reference surfaces feed 1B S1/S2 (and S6 for the point-in-country test):
 * ``world_countries``: ISO alpha-2 keyed (multi)polygons in a geographic CRS. The embedded default is a
   GeoPackage (``reference/spatial/world_countries/world_countries.gpkg``); any file fiona can read
   (GeoPackage, shapefile, GeoJSON, ``zip://...``) or a GeoParquet file (WKB geometry column) can replace it.
-  The ISO column is the first present of :data:`ISO_COLUMNS`.
+  The ISO column is the first present of :data:`ISO_COLUMNS`. A plain GeoPackage is read in bulk (sqlite3 and
+  ``shapely.from_wkb``, :func:`_read_gpkg`: the same geometries as through fiona), anything else through fiona.
 * ``population_raster``: any GeoTIFF (or other GDAL raster) on a regular, north-up, geographic lat/lon grid.
   Its grid defines the tiles (S1); its values are the ``population`` mass basis (S2).
 
@@ -51,6 +52,7 @@ WGS84_B = WGS84_A * (1.0 - WGS84_F)
 ISO_COLUMNS = ("country_iso", "ISO_A2_EH", "ISO_A2", "iso_a2", "iso")
 _ISO_RE = re.compile(r"^[A-Z]{2}$")
 _GEOPARQUET_SUFFIXES = (".parquet", ".geoparquet", ".pq")
+PAIRS_FROM_PARTS = 100  # CountryShape.contains_points(indexed=True): grid index above this many parts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,17 +336,43 @@ def normalise_part(part: Polygon) -> list[Polygon]:
     return pieces
 
 
+def normalise_parts(parts: list[Polygon]) -> list[Polygon]:
+    """:func:`normalise_part` of every part, concatenated in order. The common case -- no wrapped ring and
+    bounds within [-180, 180], where a part is kept as it is -- is decided for all parts at once (one pass over
+    their coordinates instead of one per ring); only the other parts go through :func:`normalise_part`."""
+    if not parts:
+        return []
+    arr = np.empty(len(parts), dtype=object)
+    arr[:] = parts
+    rings, ring_part = shapely.get_rings(arr, return_index=True)
+    xy, ring_of = shapely.get_coordinates(rings, return_index=True)
+    wrapped = np.zeros(len(parts), dtype=bool)
+    if xy.shape[0] > 1:
+        x0, x1 = xy[:-1, 0], xy[1:, 0]
+        # the edges of _ring_is_wrapped: consecutive vertices of one ring
+        jump = (ring_of[1:] == ring_of[:-1]) & (np.abs(x1 - x0) > 180.0) \
+            & ~((np.abs(x0) == 180.0) & (np.abs(x1) == 180.0))
+        wrapped[ring_part[ring_of[1:][jump]]] = True
+    b = shapely.bounds(arr)
+    plain = ~wrapped & (b[:, 0] >= -180.0) & (b[:, 2] <= 180.0)
+    out: list[Polygon] = []
+    for i, p in enumerate(parts):
+        if plain[i]:
+            out.append(p)  # normalise_part returns _polygon_parts(p) = [p] for a non-empty Polygon
+        else:
+            out.extend(normalise_part(p))
+    return out
+
+
 class CountryShape:
     """One country's polygon parts (after antimeridian normalisation) and the decision-24 predicate."""
 
     def __init__(self, iso: str, geometry):
         self.iso = iso
         self.geometry = geometry
-        parts: list[Polygon] = []
-        for p in _polygon_parts(geometry):
-            parts.extend(normalise_part(p))
-        self.parts: list[Polygon] = parts
+        self.parts: list[Polygon] = normalise_parts(_polygon_parts(geometry))
         self._prepared = None
+        self._pairs = None
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
@@ -352,28 +380,82 @@ class CountryShape:
         return (float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max()))
 
     def _prep(self):
+        """Per part ``(bounds, prepared shell polygon, prepared union of the hole polygons or None)``, built
+        for all parts at once (shells from the exterior rings, holes from the interior rings: the same
+        coordinates as ``Polygon(ring.coords)``)."""
         if self._prepared is None:
             prepared = []
-            for p in self.parts:
-                shell = Polygon(p.exterior.coords)
-                holes = [Polygon(r.coords) for r in p.interiors]
-                hole_geom = shapely.union_all(holes) if holes else None
-                shapely.prepare(shell)
-                if hole_geom is not None:
-                    shapely.prepare(hole_geom)
-                prepared.append((p.bounds, shell, hole_geom))
+            if self.parts:
+                arr = np.empty(len(self.parts), dtype=object)
+                arr[:] = self.parts
+                shells = shapely.polygons(shapely.get_exterior_ring(arr))
+                shapely.prepare(shells)
+                nint = shapely.get_num_interior_rings(arr)
+                bounds = shapely.bounds(arr)
+                for i in range(arr.shape[0]):
+                    hole_geom = None
+                    if nint[i]:
+                        holes = shapely.polygons(shapely.get_interior_ring(arr[i], np.arange(nint[i])))
+                        hole_geom = shapely.union_all(holes)
+                        shapely.prepare(hole_geom)
+                    prepared.append((tuple(float(v) for v in bounds[i]), shells[i], hole_geom))
             self._prepared = prepared
         return self._prepared
 
-    def contains_points(self, lon, lat) -> np.ndarray:
+    def _pair_index(self):
+        """Grid index of the parts' bounding boxes, the arguments of
+        :func:`engine.segment1b._spatial_kernels.bbox_pairs` after the points (built once; None when a part's
+        bounds are not finite: the loop is used then)."""
+        if self._pairs is None:
+            from engine.segment1b._spatial_kernels import grid_index
+
+            b = np.array([t[0] for t in self._prep()], dtype=np.float64).reshape(-1, 4)
+            if b.shape[0] == 0 or not np.isfinite(b).all():
+                self._pairs = False
+                return None
+            pminx, pminy, pmaxx, pmaxy = (np.ascontiguousarray(b[:, k]) for k in range(4))
+            x0, y0, x1, y1 = float(pminx.min()), float(pminy.min()), float(pmaxx.max()), float(pmaxy.max())
+            g = int(min(64, 2 * math.ceil(math.sqrt(b.shape[0]))))
+            sx = (x1 - x0) / g if x1 > x0 else 1.0
+            sy = (y1 - y0) / g if y1 > y0 else 1.0
+            start, parts = grid_index(pminx, pminy, pmaxx, pmaxy, x0, y0, sx, sy, g, g)
+            self._pairs = (pminx, pminy, pmaxx, pmaxy, start, parts, x0, y0, x1, y1, sx, sy, g, g)
+        return self._pairs or None
+
+    def contains_points(self, lon, lat, indexed: bool = False) -> np.ndarray:
         """Decision-24 predicate, vectorised: closed shell minus closed holes, OR over parts.
 
-        Longitudes are compared as given (callers normalise into [-180, 180] first, as S1 does).
+        Longitudes are compared as given (callers normalise into [-180, 180] first, as S1 does). A point is
+        tested against the parts whose closed bounding box holds it (no other part can contain it), part after
+        part; a point found inside is not tested again. By default every part filters all points (no numba);
+        ``indexed=True`` (for callers that already run numba kernels, e.g. S6) gives countries of more than
+        :data:`PAIRS_FROM_PARTS` parts the points of each part's box from a grid index
+        (:mod:`engine.segment1b._spatial_kernels`), so the work no longer grows with points x parts. Same result.
         """
         x = np.asarray(lon, dtype=np.float64)
         y = np.asarray(lat, dtype=np.float64)
         out = np.zeros(x.shape, dtype=bool)
-        for (minx, miny, maxx, maxy), shell, holes in self._prep():
+        prep = self._prep()
+        idx = self._pair_index() if indexed and len(prep) > PAIRS_FROM_PARTS and x.ndim == 1 and x.shape[0] \
+            and y.shape == x.shape else None
+        if idx is not None:
+            from engine.segment1b._spatial_kernels import bbox_pairs
+
+            xc, yc = np.ascontiguousarray(x), np.ascontiguousarray(y)
+            pstart, pts = bbox_pairs(xc, yc, *idx)
+            for p in np.flatnonzero(pstart[1:] > pstart[:-1]).tolist():
+                _, shell, holes = prep[p]
+                sel = pts[pstart[p]:pstart[p + 1]]
+                sel = sel[~out[sel]]  # points already inside an earlier part are settled
+                if sel.size == 0:
+                    continue
+                xi, yi = xc[sel], yc[sel]
+                inside = shapely.intersects_xy(shell, xi, yi)  # closed shell: boundary counts inside
+                if holes is not None and inside.any():
+                    inside &= ~shapely.intersects_xy(holes, xi, yi)  # closed hole: its boundary is outside
+                out[sel[inside]] = True
+            return out
+        for (minx, miny, maxx, maxy), shell, holes in prep:
             cand = (x >= minx) & (x <= maxx) & (y >= miny) & (y <= maxy) & ~out
             if not cand.any():
                 continue
@@ -442,8 +524,101 @@ def _read_fiona(p: str, iso_column: str | None):
     return isos, geoms
 
 
+# GeoPackage binary header (GPKG 1.x, 2.1.3): "GP", version, flags, srs_id (int32), envelope; bytes of the
+# envelope by the flags' envelope indicator (bits 1-3)
+_GPKG_ENVELOPE_BYTES = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}
+_WKB_POLYGONAL = (3, 6)  # 2D Polygon / MultiPolygon
+
+
+def _gpkg_wkb(blob) -> bytes | None:
+    """The WKB of one standard GeoPackage geometry blob (header and envelope stripped), or None when the blob is
+    not a plain non-empty 2D Polygon/MultiPolygon (extended or empty geometries, other types: left to fiona)."""
+    if not isinstance(blob, bytes) or len(blob) < 8 or blob[:2] != b"GP" or blob[2] != 0:
+        return None
+    flags = blob[3]
+    if flags & 0x30:  # extended GeoPackageBinary / empty geometry
+        return None
+    env = _GPKG_ENVELOPE_BYTES.get((flags >> 1) & 0x07)
+    if env is None or len(blob) < 8 + env + 5:
+        return None
+    wkb = blob[8 + env:]
+    if wkb[0] not in (0, 1):
+        return None
+    gtype = int.from_bytes(wkb[1:5], "little" if wkb[0] == 1 else "big")
+    return wkb if gtype in _WKB_POLYGONAL else None
+
+
+def _read_gpkg(p: Path, iso_column: str | None):
+    """Bulk GeoPackage read (sqlite3 + ``shapely.from_wkb``): the same ``(isos, geometries)`` as
+    :func:`_read_fiona` -- features in fid order, the geometry decoded from the very WKB OGR decodes (same
+    coordinates, same rings, same orientation) -- without building one GeoJSON mapping and one shapely object per
+    ring. Only the plain case is handled here: one feature table, an integer fid, a geographic CRS (an EPSG code or
+    a WKT definition pyproj reads as geographic), Polygon/MultiPolygon blobs, text ISO codes; anything else returns
+    None and the file is read through fiona (which then also raises the errors, e.g. E007 for a projected CRS)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        contents = con.execute("SELECT table_name, data_type FROM gpkg_contents").fetchall()
+        if len(contents) != 1 or contents[0][1] != "features":
+            return None
+        table = contents[0][0]
+        gcols = con.execute("SELECT column_name, srs_id FROM gpkg_geometry_columns WHERE table_name = ?",
+                            (table,)).fetchall()
+        if len(gcols) != 1:
+            return None
+        geom_col, srs_id = gcols[0]
+        srs = con.execute("SELECT organization, organization_coordsys_id, definition FROM gpkg_spatial_ref_sys "
+                          "WHERE srs_id = ?", (srs_id,)).fetchall()
+        if not isinstance(srs_id, int) or srs_id <= 0 or len(srs) != 1:
+            return None
+        org, code, definition = srs[0]
+        epsg = f"EPSG:{code}" if str(org).upper() == "EPSG" and isinstance(code, int) and code > 0 else None
+        if not (_is_geographic(epsg) if epsg else _is_geographic(definition)):
+            return None
+        info = con.execute(f'PRAGMA table_info("{table.replace(chr(34), chr(34) * 2)}")').fetchall()
+        pk = [r[1] for r in info if r[5] == 1 and str(r[2]).upper() == "INTEGER"]
+        if len([r for r in info if r[5]]) != 1 or len(pk) != 1:
+            return None
+        names = [r[1] for r in info if r[1] not in (pk[0], geom_col)]
+        iso_col = iso_column or next((c for c in ISO_COLUMNS if c in names), None)
+        if iso_col is None or iso_col not in names:
+            return None
+
+        def q(name: str) -> str:
+            return '"' + name.replace('"', '""') + '"'
+
+        rows = con.execute(f"SELECT {q(iso_col)}, {q(geom_col)} FROM {q(table)} ORDER BY {q(pk[0])}").fetchall()
+    except sqlite3.Error:
+        return None
+    finally:
+        con.close()
+    isos: list = []
+    wkbs: list = []
+    for iso, blob in rows:
+        if iso is not None and not isinstance(iso, str):
+            return None
+        isos.append(iso)
+        if blob is None:
+            wkbs.append(None)
+            continue
+        wkb = _gpkg_wkb(blob)
+        if wkb is None:
+            return None
+        wkbs.append(wkb)
+    try:
+        geoms = shapely.from_wkb(np.array(wkbs, dtype=object))
+    except (shapely.errors.GEOSException, ValueError, TypeError):
+        return None
+    return isos, list(geoms)
+
+
 def read_polygon_features(path: str | Path, iso_column: str | None = None):
-    """Raw features: ``(iso_codes, geometries)`` in file order (no validation)."""
+    """Raw features: ``(iso_codes, geometries)`` in file order (no validation). A plain GeoPackage is read in bulk
+    (:func:`_read_gpkg`), GeoParquet with pyarrow, anything else through fiona."""
     sp = str(path)
     local = Path(sp[len("zip://"):] if sp.startswith("zip://") else sp)
     if not local.exists():
@@ -451,6 +626,10 @@ def read_polygon_features(path: str | Path, iso_column: str | None = None):
     try:
         if local.suffix.lower() in _GEOPARQUET_SUFFIXES:
             return _read_geoparquet(local, iso_column)
+        if local.suffix.lower() == ".gpkg" and not sp.startswith("zip://"):
+            got = _read_gpkg(local, iso_column)
+            if got is not None:
+                return got
         return _read_fiona(sp, iso_column)
     except InputError:
         raise

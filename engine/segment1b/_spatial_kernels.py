@@ -1,0 +1,89 @@
+"""numba kernels behind the indexed lane of :meth:`engine.segment1b.spatial.CountryShape.contains_points`
+(``indexed=True``; imported on first use, so loading :mod:`engine.segment1b.spatial` does not load numba).
+
+:func:`bbox_pairs` lists, part by part, the points lying in the part's closed bounding box, through a uniform grid
+over the country's bounding box (:func:`grid_index`): each cell lists the parts whose box overlaps it, a point looks
+at its cell's list only. The cell of a coordinate is ``clip(floor((t - t0) / step), 0, cells - 1)``
+(:func:`_cell`, the same function for the boxes and the points), non-decreasing in ``t`` under IEEE rounding, so a
+point inside a part's box always lands in one of the cells the part is listed in; the pair is then kept by the
+exact closed-box test. The result is exactly the per-part box filter of the loop lane.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def _cell(t, t0, step, cells):  # pragma: no cover - numba
+    c = np.floor((t - t0) / step)
+    if c < 0.0:
+        return 0
+    if c > cells - 1:
+        return cells - 1
+    return int(c)
+
+
+@njit(cache=True)
+def grid_index(pminx, pminy, pmaxx, pmaxy, x0, y0, sx, sy, gx, gy):  # pragma: no cover - numba
+    """CSR ``(start, parts)`` of the parts overlapping each grid cell (cells row-major, parts ascending)."""
+    n = pminx.shape[0]
+    count = np.zeros(gx * gy + 1, np.int64)
+    for p in range(n):
+        cx0 = _cell(pminx[p], x0, sx, gx)
+        cx1 = _cell(pmaxx[p], x0, sx, gx)
+        cy0 = _cell(pminy[p], y0, sy, gy)
+        cy1 = _cell(pmaxy[p], y0, sy, gy)
+        for cy in range(cy0, cy1 + 1):
+            for cx in range(cx0, cx1 + 1):
+                count[cy * gx + cx + 1] += 1
+    start = np.cumsum(count)
+    fill = start[:-1].copy()
+    parts = np.empty(start[-1], np.int64)
+    for p in range(n):
+        cx0 = _cell(pminx[p], x0, sx, gx)
+        cx1 = _cell(pmaxx[p], x0, sx, gx)
+        cy0 = _cell(pminy[p], y0, sy, gy)
+        cy1 = _cell(pmaxy[p], y0, sy, gy)
+        for cy in range(cy0, cy1 + 1):
+            for cx in range(cx0, cx1 + 1):
+                k = cy * gx + cx
+                parts[fill[k]] = p
+                fill[k] += 1
+    return start, parts
+
+
+@njit(cache=True)
+def bbox_pairs(x, y, pminx, pminy, pmaxx, pmaxy, start, parts, x0, y0, x1, y1, sx, sy, gx, gy):  # pragma: no cover
+    """The points in each part's closed bounding box, part-major: ``(pstart, pts)`` with the points of part ``p``
+    at ``pts[pstart[p]:pstart[p + 1]]`` (ascending)."""
+    n = x.shape[0]
+    npart = pminx.shape[0]
+    pstart = np.zeros(npart + 1, np.int64)
+    for i in range(n):
+        xi = x[i]
+        yi = y[i]
+        if not (xi >= x0 and xi <= x1 and yi >= y0 and yi <= y1):
+            continue
+        k = _cell(yi, y0, sy, gy) * gx + _cell(xi, x0, sx, gx)
+        for j in range(start[k], start[k + 1]):
+            p = parts[j]
+            if xi >= pminx[p] and xi <= pmaxx[p] and yi >= pminy[p] and yi <= pmaxy[p]:
+                pstart[p + 1] += 1
+    for p in range(npart):
+        pstart[p + 1] += pstart[p]
+    fill = pstart[:-1].copy()
+    pts = np.empty(pstart[npart], np.int64)
+    for i in range(n):
+        xi = x[i]
+        yi = y[i]
+        if not (xi >= x0 and xi <= x1 and yi >= y0 and yi <= y1):
+            continue
+        k = _cell(yi, y0, sy, gy) * gx + _cell(xi, x0, sx, gx)
+        for j in range(start[k], start[k + 1]):
+            p = parts[j]
+            if xi >= pminx[p] and xi <= pmaxx[p] and yi >= pminy[p] and yi <= pmaxy[p]:
+                pts[fill[p]] = i
+                fill[p] += 1
+    return pstart, pts
