@@ -55,35 +55,36 @@ def grid_index(pminx, pminy, pmaxx, pmaxy, x0, y0, sx, sy, gx, gy):  # pragma: n
 
 
 @njit(cache=True)
+def _bbox_scan(x, y, pminx, pminy, pmaxx, pmaxy, start, parts, x0, y0, x1, y1, sx, sy, gx, gy, ctr, pts,
+               write):  # pragma: no cover
+    """Visit every (point, part) with the point in the part's closed bounding box, in point order: ``ctr[p] += 1``
+    and, when ``write``, ``pts[ctr[p]] = i`` first (counting pass, then filling pass of :func:`bbox_pairs`)."""
+    for i in range(x.shape[0]):
+        xi = x[i]
+        yi = y[i]
+        if not (xi >= x0 and xi <= x1 and yi >= y0 and yi <= y1):
+            continue
+        k = _cell(yi, y0, sy, gy) * gx + _cell(xi, x0, sx, gx)
+        for j in range(start[k], start[k + 1]):
+            p = parts[j]
+            if xi >= pminx[p] and xi <= pmaxx[p] and yi >= pminy[p] and yi <= pmaxy[p]:
+                if write:
+                    pts[ctr[p]] = i
+                ctr[p] += 1
+
+
+@njit(cache=True)
 def bbox_pairs(x, y, pminx, pminy, pmaxx, pmaxy, start, parts, x0, y0, x1, y1, sx, sy, gx, gy):  # pragma: no cover
     """The points in each part's closed bounding box, part-major: ``(pstart, pts)`` with the points of part ``p``
     at ``pts[pstart[p]:pstart[p + 1]]`` (ascending)."""
-    n = x.shape[0]
     npart = pminx.shape[0]
+    counts = np.zeros(npart, np.int64)
+    none = np.empty(0, np.int64)
+    _bbox_scan(x, y, pminx, pminy, pmaxx, pmaxy, start, parts, x0, y0, x1, y1, sx, sy, gx, gy, counts, none, False)
     pstart = np.zeros(npart + 1, np.int64)
-    for i in range(n):
-        xi = x[i]
-        yi = y[i]
-        if not (xi >= x0 and xi <= x1 and yi >= y0 and yi <= y1):
-            continue
-        k = _cell(yi, y0, sy, gy) * gx + _cell(xi, x0, sx, gx)
-        for j in range(start[k], start[k + 1]):
-            p = parts[j]
-            if xi >= pminx[p] and xi <= pmaxx[p] and yi >= pminy[p] and yi <= pmaxy[p]:
-                pstart[p + 1] += 1
     for p in range(npart):
-        pstart[p + 1] += pstart[p]
+        pstart[p + 1] = pstart[p] + counts[p]
     fill = pstart[:-1].copy()
     pts = np.empty(pstart[npart], np.int64)
-    for i in range(n):
-        xi = x[i]
-        yi = y[i]
-        if not (xi >= x0 and xi <= x1 and yi >= y0 and yi <= y1):
-            continue
-        k = _cell(yi, y0, sy, gy) * gx + _cell(xi, x0, sx, gx)
-        for j in range(start[k], start[k + 1]):
-            p = parts[j]
-            if xi >= pminx[p] and xi <= pmaxx[p] and yi >= pminy[p] and yi <= pmaxy[p]:
-                pts[fill[p]] = i
-                fill[p] += 1
+    _bbox_scan(x, y, pminx, pminy, pmaxx, pmaxy, start, parts, x0, y0, x1, y1, sx, sy, gx, gy, fill, pts, True)
     return pstart, pts
