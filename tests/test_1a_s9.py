@@ -611,3 +611,26 @@ def test_u64_helpers_exact():
     assert ok.tolist() == [True, False]  # carry across the 64-bit boundary; after < before never matches
     assert s9._parse_u64(np.array(["18446744073709551615", "x", None], dtype=object)).tolist() == [
         (1 << 64) - 1, (1 << 64) - 1, (1 << 64) - 1]
+
+
+def test_reconcile_findings_are_rnglogs_own(tree, tmp_path, monkeypatch):
+    """S9 streams the logs through rnglog's reconcile parts (one event family held at a time): its findings are
+    rnglog.reconcile(chain=True)'s failure dicts, whole (richer details included), in the same order."""
+    from engine.core import rnglog
+
+    ctx = _copy(tree, tmp_path)
+    _rewrite_jsonl(ctx.path("rng_trace_log"), lambda rows: [r for i, r in enumerate(rows) if i != 3])
+    _rewrite_jsonl(ctx.path("rng_event", family="residual_rank") / "part-00000.jsonl", lambda rows: rows[:-1])
+    _rewrite_jsonl(ctx.path("rng_event", family="gumbel_key") / "part-00000.jsonl",
+                   lambda rows: rows + [dict(rows[-1])])  # a duplicate: breaks its substream's chain
+    ctx.path("rng_audit_log").write_bytes(b"")
+    got = []
+    orig = rnglog.reconcile_summaries
+    monkeypatch.setattr(rnglog, "reconcile_summaries", lambda *a, **k: got.append(orig(*a, **k)) or got[-1])
+    res = s9.validate(ctx)
+    assert not res.passed and len(got) == 1
+    want = rnglog.reconcile(ctx.data_root, ctx.ids, chain=True, config=ctx.config)
+    assert got[0] == want
+    codes = [f["code"] for f in want]
+    assert codes[0] == "E_RNG_AUDIT_MISSING" and {"E_RNG_COUNTER_MISMATCH", "E_TRACE_COVERAGE_MISSING",
+                                                  "E_TRACE_TOTALS_MISMATCH"} <= set(codes)

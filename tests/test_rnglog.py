@@ -372,6 +372,87 @@ def test_reconcile_detects_identity_audit_and_nonconsuming_problems(tmp_path):
     assert "E_RNG_AUDIT_MISSING" in _codes(R.reconcile(tmp_path, IDS))
 
 
+def _composed_reconcile(root: Path, ids: SegmentIds, chain: bool, dictionary: bool) -> list[dict]:
+    """reconcile from its public parts, one event table at a time (as 1A S9 streams the logs)."""
+    fams = R.dictionary.load(ids.segment).families()
+    summaries: dict = {}
+    for f in R.reconciled_families(fams, ids.segment):
+        try:
+            ev = R.read_events(root, ids, f, with_source=True, dictionary=dictionary)
+        except RngError as exc:
+            summaries[f] = exc
+            continue
+        summaries[f] = R.summarise_events(ev, f, fams[f], ids, chain=chain)
+        del ev
+    try:
+        tsum = R.summarise_trace(R.read_trace(root, ids, dictionary=dictionary), ids)
+    except RngError as exc:
+        tsum = exc
+    return R.reconcile_summaries(ids, fams, summaries, tsum, R.read_audit(root, ids), R.audit_path(root, ids))
+
+
+def test_reconcile_is_the_composition_of_its_parts(tmp_path, monkeypatch):
+    p = _write_gumbel(tmp_path)
+    for chain in (False, True):
+        assert _composed_reconcile(tmp_path, IDS, chain, True) == R.reconcile(tmp_path, IDS, chain=chain) == []
+    # faults: one trace row removed (nb_final's only one), one event removed, a counter off its chain, no audit
+    tp = R.trace_path(tmp_path, IDS)
+    lines = tp.read_text().splitlines(keepends=True)
+    kept = [x for x in lines if '"substream_label":"nb_final"' not in x]
+    assert len(kept) == len(lines) - 1
+    tp.write_text("".join(kept))
+    lines = p.read_text().splitlines(keepends=True)
+    p.write_text("".join(lines[:1] + lines[2:]))
+    row = json.loads(p.read_text().splitlines()[2])
+    _edit_line(p, 2, f'"rng_counter_before_lo":{row["rng_counter_before_lo"]}',
+               f'"rng_counter_before_lo":{row["rng_counter_before_lo"] + 7}')
+    R.audit_path(tmp_path, IDS).unlink()
+    for chain in (False, True):
+        want = R.reconcile(tmp_path, IDS, chain=chain)
+        assert [f["code"] for f in want][:1] == ["E_RNG_AUDIT_MISSING"]
+        assert _codes(want) == {"E_RNG_AUDIT_MISSING", "E_RNG_COUNTER_MISMATCH", "E_TRACE_COVERAGE_MISSING",
+                                "E_TRACE_TOTALS_MISMATCH"}
+        cover = [(f["family"], f["trace_rows"], f["events"]) for f in want if f["code"] == "E_TRACE_COVERAGE_MISSING"]
+        assert cover == [("gumbel_key", 5, 4), ("nb_final", 0, 1)]  # sorted by (module, label)
+        assert want[1]["code"] == "E_RNG_COUNTER_MISMATCH" and want[1]["rows"][0]["_line"] == 2
+        for dictionary in (False, True):  # plain (1A S9's reads) or dictionary strings: the same failures
+            assert _composed_reconcile(tmp_path, IDS, chain, dictionary) == want
+        with monkeypatch.context() as m:  # the sort paths (final row by the full 00-core 3.7 sort, chain sort)
+            _slow_checks(m)
+            assert _composed_reconcile(tmp_path, IDS, chain, False) == want
+    # unreadable logs are reported in place of their summaries (an event family; the trace ends the list)
+    nb = R.event_dir(tmp_path, IDS, "nb_final") / "part-00000.jsonl"
+    nb.write_text(nb.read_text() + '{"not": "an event"}\n')
+    tp.write_text(tp.read_text() + '{"module": 1}\n')
+    want = R.reconcile(tmp_path, IDS, chain=True)
+    read_errors = [f for f in want if f.get("path")]
+    assert [f["family"] for f in read_errors] == [None, "nb_final", None]  # audit, nb_final, trace (last)
+    assert want[-1] is read_errors[-1]
+    assert _composed_reconcile(tmp_path, IDS, True, False) == want
+    with pytest.raises(ValueError):  # anything but an RngError is not a finding
+        R.reconcile_summaries(IDS, R.dictionary.load("1A").families(), {}, ValueError("boom"), [])
+    # a chain break (1B site_tile_assign: merchant 5 / DE's second event jumps) with a removed trace row
+    root = tmp_path / "b"
+    logs = logs_with_audit(root, IDS_1B)
+    a, b, b2 = counters([1, 1, 1], 500), counters([1], 9000), counters([1], 1000)
+    logs.add_events("site_tile_assign", "1B.S5.assigner", "site_tile_assign", dict(
+        {k: np.concatenate([a[k], b[k], b2[k]]) for k in a}, draws=[1] * 5, merchant_id=[4, 4, 4, 5, 5],
+        legal_country_iso=["GB", "GB", "GB", "DE", "DE"], site_order=[1, 2, 3, 1, 2],
+        tile_id=np.array([2 ** 64 - 1, 7, 7, 1, 2], np.uint64), u=[0.5, 0.25, 0.75, 0.5, 0.5]))
+    logs.close()
+    tp = R.trace_path(root, IDS_1B)
+    tp.write_text("".join(tp.read_text().splitlines(keepends=True)[:-1]))  # the final row: totals differ too
+    for chain in (False, True):
+        want = R.reconcile(root, IDS_1B, chain=chain)
+        assert [f["code"] for f in want] == ["E_RNG_COUNTER_MISMATCH"] * chain + [
+            "E_TRACE_COVERAGE_MISSING", "E_TRACE_TOTALS_MISMATCH"]
+        for dictionary in (False, True):
+            assert _composed_reconcile(root, IDS_1B, chain, dictionary) == want
+        with monkeypatch.context() as m:
+            _slow_checks(m)
+            assert _composed_reconcile(root, IDS_1B, chain, True) == want
+
+
 def test_chain_check_detects_a_gap_within_one_substream(tmp_path):
     logs = logs_with_audit(tmp_path, IDS_1B)
     a = counters([1, 1, 1], 500)

@@ -80,7 +80,11 @@ embedded identities (``E_PATH_EMBED_MISMATCH``); per ``(module, substream_label)
 count (``E_TRACE_COVERAGE_MISSING``) and final totals == event sums (``E_TRACE_TOTALS_MISMATCH``); audit row
 present (``E_RNG_AUDIT_MISSING``); with ``chain=True`` consecutive consuming events of one keyed substream
 chain (``E_RNG_COUNTER_MISMATCH``; proved in one pass when the events come grouped by substream, else by a sort).
-:func:`check_events` and :func:`check_chains` do the per-table parts.
+:func:`check_events` and :func:`check_chains` do the per-table parts. ``reconcile`` is composed of public parts
+a validator can call itself to stream the logs (one event table held at a time): :func:`reconciled_families`
+(which families), :func:`summarise_events` (one family's table -> its check failures and per-key event sums),
+:func:`summarise_trace` (the trace -> embed failures and per-key row count and final row) and
+:func:`reconcile_summaries` (audit rows + those summaries -> reconcile's failure list, in its order).
 """
 
 from __future__ import annotations
@@ -2028,6 +2032,8 @@ def check_chains(table: pa.Table, family: str, spec: Mapping) -> list[dict]:
     keys = [k for k in (spec.get("stream_key") or []) if k in table.column_names]
     if _chains_clean(table, keys):
         return []
+    need = set(_ROW_COLS) | set(keys)  # the sort keys and what a failure reports (_rows_of): copy no payload
+    table = table.select([c for c in table.column_names if c in need])
     t = plain_strings(table).append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     t = t.filter(pc.greater(pc.fill_null(t["blocks"], 0), pa.scalar(0, pa.uint64())))
     if t.num_rows < 2:
@@ -2069,91 +2075,147 @@ def _final_trace_row_of(trace: pa.Table, rows: np.ndarray, events_total: np.ndar
     return _final_trace_row(trace.take(pa.array(rows, pa.int64())))
 
 
-def reconcile(data_root: str | Path, ids: Any, families: Iterable[str] | None = None, chain: bool = False,
-              config: Mapping | None = None, source: str = "auto", events: Mapping[str, pa.Table] | None = None,
-              trace: pa.Table | None = None, verify: str | None = None) -> list[dict]:
-    """Events vs trace vs audit for one run (see module docstring). Returns failure dicts (empty = clean).
-    ``source`` and ``verify`` as in :func:`read_events` (``"jsonl"``: parse every log file, ignoring the mirrors).
-    ``events`` (family -> table as :func:`read_events` with ``with_source=True`` gives it) and ``trace`` let a
-    caller that already read them pass them in instead of reading again (same results)."""
-    d = _dict_for(ids, config)
-    table = d.families()
-    if families is None:
-        wanted = [f for f, s in table.items() if s.get("segment") == ids.segment and not s.get("unused")]
-    else:
-        wanted = list(families)
-        for f in wanted:
-            if f not in table:
-                raise RngError("E_RNG_ENVELOPE", f"unknown RNG event family {f!r}")
-        # a (module, label) key may span several families (S4: poisson_component + ztp_*): read them all
-        keys = {(s["module"], s["substream_label"]) for f in wanted for s in table[f]["streams"]}
-        for f, s in table.items():
-            if f not in wanted and any((x["module"], x["substream_label"]) in keys for x in s["streams"]):
-                wanted.append(f)
+# ====================================================================== reconciliation, in parts
+# :func:`reconcile` is the composition of the four functions below; a validator that cannot hold every event
+# table at once (1A S9 at 10^6 merchants) calls them itself, one family at a time, dropping each table after
+# :func:`summarise_events`, and gets exactly reconcile's failures.
+def reconciled_families(families: Mapping[str, Mapping], segment: str,
+                        wanted: Iterable[str] | None = None) -> list[str]:
+    """The families :func:`reconcile` covers, in the order it reports them. ``families``: the dictionary's family
+    table (``Dictionary.families()``). ``wanted`` None: every family of ``segment`` not marked unused (dictionary
+    order); else ``wanted`` (an unknown name raises ``E_RNG_ENVELOPE``) followed, in dictionary order, by every
+    other family sharing a (module, substream_label) key with one of them (S4: poisson_component + ztp_*), since
+    a key's trace totals count the events of all its families."""
+    if wanted is None:
+        return [f for f, s in families.items() if s.get("segment") == segment and not s.get("unused")]
+    out = list(wanted)
+    for f in out:
+        if f not in families:
+            raise RngError("E_RNG_ENVELOPE", f"unknown RNG event family {f!r}")
+    keys = {(s["module"], s["substream_label"]) for f in out for s in families[f]["streams"]}
+    for f, s in families.items():
+        if f not in out and any((x["module"], x["substream_label"]) in keys for x in s["streams"]):
+            out.append(f)
+    return out
+
+
+@dataclass(frozen=True)
+class FamilySummary:
+    """What :func:`reconcile` keeps of one family's event table: the failures of :func:`check_events` (and of
+    :func:`check_chains` when asked) and, per (module, substream_label) found in the table (first-seen order),
+    its (events, blocks sum, draws sum) as exact ints."""
+    family: str
+    failures: list
+    sums: dict
+
+
+def summarise_events(table: pa.Table, family: str, spec: Mapping, ids: Any | None = None,
+                     chain: bool = False) -> FamilySummary:
+    """One family's part of :func:`reconcile` on its table (as :func:`read_events` gives it, plain or
+    ``dictionary=True``; ``with_source=True`` for the ``_part``/``_line`` of offending rows). The result holds no
+    reference to ``table``."""
+    failures = check_events(table, family, spec, ids)
+    if chain:
+        failures += check_chains(table, family, spec)
+    sums: dict[tuple[str, str], tuple[int, int, int]] = {}
+    if table.num_rows:
+        draws, _ = parse_draws(table)
+        blocks = _np(table, "blocks")
+        pcodes, pairs = _pair_codes(table)
+        if len(pairs) == 1 and pcodes.shape[0] and pcodes.min() == 0:  # one stream (no null module/label)
+            sums[pairs[0]] = (int(table.num_rows), exact_sum(blocks), exact_sum(draws))
+        else:
+            for k, key in enumerate(pairs):
+                mask = pcodes == k
+                sums[key] = (int(np.count_nonzero(mask)), exact_sum(blocks[mask]), exact_sum(draws[mask]))
+    return FamilySummary(family, failures, sums)
+
+
+@dataclass(frozen=True)
+class TraceSummary:
+    """What :func:`reconcile` keeps of the trace: its embedded-identity failures and, per (module,
+    substream_label), ``(row count, final row)`` (the final row as a dict, 00-core 3.7: max events_total, then
+    latest ts_utc, then max after counter)."""
+    failures: list
+    keys: dict
+
+
+def summarise_trace(trace: pa.Table, ids: Any) -> TraceSummary:
+    """The trace's part of :func:`reconcile` (``trace`` as :func:`read_trace` gives it, plain or
+    ``dictionary=True``): run_id / seed embed checks and the per-key row counts and final rows. The result holds
+    no reference to ``trace``."""
     failures: list[dict] = []
-    if not _audit_matches(read_audit(data_root, ids, config), ids):
+    keys: dict[tuple[str, str], tuple[int, dict]] = {}
+    if trace.num_rows == 0:
+        return TraceSummary(failures, keys)
+    for col, want in (("run_id", ids.run_id),):
+        bad = ~_eq_const(trace[col], want)
+        if bad.any():
+            failures.append(_failure("E_PATH_EMBED_MISMATCH", None, f"trace {col} differs from {want}", trace, bad))
+    bad = ~_bool(pc.equal(trace["seed"], pa.scalar(int(ids.seed), pa.uint64())))
+    if bad.any():
+        failures.append(_failure("E_PATH_EMBED_MISMATCH", None, f"trace seed differs from {ids.seed}", trace, bad))
+    tcodes, tpairs = _pair_codes(trace)
+    t_events = _np(trace, "events_total") if trace["events_total"].null_count == 0 else None
+    for k, key in enumerate(tpairs):
+        rows = np.flatnonzero(tcodes == k)
+        keys[key] = (int(rows.size), _final_trace_row_of(trace, rows, t_events))
+    return TraceSummary(failures, keys)
+
+
+def _read_failure(exc: BaseException, family: str | None) -> dict:
+    """A log that could not be read, as a failure (an RngError); anything else is re-raised."""
+    if not isinstance(exc, RngError):
+        raise exc
+    return _failure(exc.code, family, exc.message, path=exc.path)
+
+
+def reconcile_summaries(ids: Any, families: Mapping[str, Mapping],
+                        summaries: Mapping[str, FamilySummary | BaseException],
+                        trace: TraceSummary | BaseException, audit: Sequence[Mapping],
+                        audit_file: str | Path | None = None) -> list[dict]:
+    """:func:`reconcile`'s failures from its parts: ``audit`` (:func:`read_audit` rows; ``audit_file`` is the
+    path named by ``E_RNG_AUDIT_MISSING``), ``summaries`` (family -> :func:`summarise_events`, or the
+    :class:`RngError` its read raised, in the order to report them, normally :func:`reconciled_families`),
+    ``trace`` (:func:`summarise_trace`, or the :class:`RngError` of :func:`read_trace`: reported, and the trace
+    comparisons skipped), ``families`` the dictionary's family table. Exceptions other than RngError are
+    re-raised. Order: audit, per family (read error or check failures), trace (read error or embed failures),
+    then per (module, substream_label) in sorted order coverage and totals."""
+    failures: list[dict] = []
+    if not _audit_matches(list(audit), ids):
         failures.append(_failure("E_RNG_AUDIT_MISSING", None, "no rng_audit_log row for this run",
-                                 path=str(audit_path(data_root, ids, config))))
+                                 path=None if audit_file is None else str(audit_file)))
     sums: dict[tuple[str, str], list[int]] = {}
     key_family: dict[tuple[str, str], str] = {}
-    for fam in wanted:
-        spec = table[fam]
-        ev = (events or {}).get(fam)
-        if ev is None:
-            try:
-                ev = read_events(data_root, ids, fam, config=config, with_source=True, source=source,
-                                 dictionary=True, verify=verify)
-            except RngError as exc:  # a line that does not fit the family schema: report, keep checking others
-                failures.append(_failure(exc.code, fam, exc.message, path=exc.path))
-                continue
-        failures += check_events(ev, fam, spec, ids)
-        if chain:
-            failures += check_chains(ev, fam, spec)
-        for s in spec["streams"]:
-            key_family.setdefault((s["module"], s["substream_label"]), fam)
-        if ev.num_rows == 0:
+    for fam, summary in summaries.items():
+        if isinstance(summary, BaseException):
+            failures.append(_read_failure(summary, fam))
             continue
-        draws, _ = parse_draws(ev)
-        blocks = _np(ev, "blocks")
-        pcodes, pairs = _pair_codes(ev)
-        for k, (m, l) in enumerate(pairs):
-            mask = pcodes == k
-            acc = sums.setdefault((m, l), [0, 0, 0])
-            acc[0] += int(mask.sum())
-            acc[1] += exact_sum(blocks[mask])
-            acc[2] += exact_sum(draws[mask])
-            key_family.setdefault((m, l), fam)
-    if trace is None:
-        try:
-            trace = read_trace(data_root, ids, config, source=source, dictionary=True, verify=verify)
-        except RngError as exc:
-            failures.append(_failure(exc.code, None, exc.message, path=exc.path))
-            return failures
-    if trace.num_rows:
-        for col, want in (("run_id", ids.run_id),):
-            bad = ~_eq_const(trace[col], want)
-            if bad.any():
-                failures.append(_failure("E_PATH_EMBED_MISMATCH", None, f"trace {col} differs from {want}",
-                                         trace, bad))
-        bad = ~_bool(pc.equal(trace["seed"], pa.scalar(int(ids.seed), pa.uint64())))
-        if bad.any():
-            failures.append(_failure("E_PATH_EMBED_MISMATCH", None, f"trace seed differs from {ids.seed}", trace, bad))
-    tcodes, tpairs = _pair_codes(trace) if trace.num_rows else (np.zeros(0, np.int64), [])
-    registered = {(s["module"], s["substream_label"]) for f in wanted for s in table[f]["streams"]}
-    trace_keys = set(tpairs)
-    t_events = (_np(trace, "events_total") if trace.num_rows and trace["events_total"].null_count == 0 else None)
-    for key in sorted(set(sums) | (trace_keys & registered)):
+        failures += summary.failures
+        for s in families[fam]["streams"]:
+            key_family.setdefault((s["module"], s["substream_label"]), fam)
+        for key, (n, bl, dr) in summary.sums.items():
+            acc = sums.setdefault(key, [0, 0, 0])
+            acc[0] += n
+            acc[1] += bl
+            acc[2] += dr
+            key_family.setdefault(key, fam)
+    if isinstance(trace, BaseException):
+        failures.append(_read_failure(trace, None))
+        return failures
+    failures += trace.failures
+    registered = {(s["module"], s["substream_label"]) for f in summaries for s in families[f]["streams"]}
+    for key in sorted(set(sums) | (set(trace.keys) & registered)):
         m, l = key
         fam = key_family.get(key)
         n_ev, s_bl, s_dr = sums.get(key, [0, 0, 0])
-        rows = np.flatnonzero(tcodes == tpairs.index(key)) if key in trace_keys else np.zeros(0, np.int64)
-        if rows.size != n_ev:
+        n_rows, final = trace.keys.get(key, (0, None))
+        if n_rows != n_ev:
             failures.append(_failure("E_TRACE_COVERAGE_MISSING", fam,
-                                     f"trace has {rows.size} rows for ({m}, {l}) but the events number {n_ev}",
-                                     module=m, label=l, trace_rows=int(rows.size), events=n_ev))
-        if rows.size == 0:
+                                     f"trace has {n_rows} rows for ({m}, {l}) but the events number {n_ev}",
+                                     module=m, label=l, trace_rows=n_rows, events=n_ev))
+        if n_rows == 0:
             continue
-        final = _final_trace_row_of(trace, rows, t_events)
         got = (final["events_total"], final["blocks_total"], final["draws_total"])
         if got != (n_ev, s_bl, s_dr):
             failures.append(_failure("E_TRACE_TOTALS_MISMATCH", fam,
@@ -2162,6 +2224,42 @@ def reconcile(data_root: str | Path, ids: Any, families: Iterable[str] | None = 
                                      trace_final=final, event_sums={"events_total": n_ev, "blocks_total": s_bl,
                                                                     "draws_total": s_dr}))
     return failures
+
+
+def reconcile(data_root: str | Path, ids: Any, families: Iterable[str] | None = None, chain: bool = False,
+              config: Mapping | None = None, source: str = "auto", events: Mapping[str, pa.Table] | None = None,
+              trace: pa.Table | None = None, verify: str | None = None) -> list[dict]:
+    """Events vs trace vs audit for one run (see module docstring). Returns failure dicts (empty = clean).
+    ``source`` and ``verify`` as in :func:`read_events` (``"jsonl"``: parse every log file, ignoring the mirrors).
+    ``events`` (family -> table as :func:`read_events` with ``with_source=True`` gives it) and ``trace`` let a
+    caller that already read them pass them in instead of reading again (same results).
+
+    The composition of :func:`reconciled_families`, :func:`summarise_events` (one family at a time),
+    :func:`summarise_trace` and :func:`reconcile_summaries`."""
+    table = _dict_for(ids, config).families()
+    wanted = reconciled_families(table, ids.segment, families)
+    audit = read_audit(data_root, ids, config)
+    summaries: dict[str, FamilySummary | RngError] = {}
+    for fam in wanted:
+        ev = (events or {}).get(fam)
+        if ev is None:
+            try:
+                ev = read_events(data_root, ids, fam, config=config, with_source=True, source=source,
+                                 dictionary=True, verify=verify)
+            except RngError as exc:  # a line that does not fit the family schema: report, keep checking others
+                summaries[fam] = exc
+                continue
+        summaries[fam] = summarise_events(ev, fam, table[fam], ids, chain=chain)
+        del ev
+    tsum: TraceSummary | RngError
+    if trace is None:
+        try:
+            trace = read_trace(data_root, ids, config, source=source, dictionary=True, verify=verify)
+        except RngError as exc:
+            tsum = exc
+    if trace is not None:
+        tsum = summarise_trace(trace, ids)
+    return reconcile_summaries(ids, table, summaries, tsum, audit, audit_path(data_root, ids, config))
 
 
 def accounting(data_root: str | Path, ids: Any, families: Iterable[str] | None = None,

@@ -2185,44 +2185,6 @@ def _tokens_clean(t: pa.Table, tok: dict[str, str]) -> bool:
     return all(name in t.column_names and _all_equal(t[name], want) for name, want in tok.items())
 
 
-def _chain_view(t: pa.Table, spec: dict) -> pa.Table:
-    """The columns rnglog.check_chains sorts and reports (its take() would copy the whole table)."""
-    from engine.core import rnglog
-
-    row_cols = getattr(rnglog, "_ROW_COLS", None)
-    if row_cols is None:
-        return t
-    need = set(row_cols) | set(spec.get("stream_key") or []) | {
-        "module", "substream_label", "blocks", "rng_counter_before_hi", "rng_counter_before_lo",
-        "rng_counter_after_hi", "rng_counter_after_lo"}
-    return t.select([c for c in t.column_names if c in need])
-
-
-def _np_u64(col: pa.ChunkedArray) -> np.ndarray:
-    """rnglog's reading of a u64 column (nulls as 0)."""
-    if pa.types.is_unsigned_integer(col.type) and col.type.bit_width == 64:
-        return np.asarray(pc.fill_null(col, 0).to_numpy(zero_copy_only=False), dtype=np.uint64)
-    return np.asarray(col.to_numpy(zero_copy_only=False))
-
-
-def _reconcile_family(t: pa.Table, fam: str, spec: dict, ids) -> dict:
-    """rnglog.reconcile's per-family part on the table already read (read_events with_source=True): its
-    per-event and chain failures and the per-(module, label) event sums it compares with the trace."""
-    from engine.core import rnglog
-
-    fails = rnglog.check_events(t, fam, spec, ids) + rnglog.check_chains(_chain_view(t, spec), fam, spec)
-    keys = []
-    if t.num_rows:
-        draws, _ = rnglog.parse_draws(t)
-        blocks = _np_u64(t["blocks"])
-        combo = pc.binary_join_element_wise(t["module"], t["substream_label"], "\x00")
-        for key_str in pc.unique(pc.drop_null(combo)).to_pylist():
-            m, _, lab = key_str.partition("\x00")
-            mask = np.asarray(pc.fill_null(pc.equal(combo, key_str), False).to_numpy(zero_copy_only=False), dtype=bool)
-            keys.append(((m, lab), int(mask.sum()), rnglog.exact_sum(blocks[mask]), rnglog.exact_sum(draws[mask])))
-    return {"fails": fails, "keys": keys}
-
-
 def _events(ctx, L: _Loaded, fl: Failures, fs_ev: dict, env: dict, dup: dict, sums: dict, rec: dict) -> list[str]:
     """Every RNG event family, one at a time: read once (``fl``), schema (``fs_ev``), envelope (``env``),
     duplicate identities (``dup``), trace sums (``sums``), rnglog.reconcile's per-family part (``rec``); keeps a
@@ -2235,7 +2197,7 @@ def _events(ctx, L: _Loaded, fl: Failures, fs_ev: dict, env: dict, dup: dict, su
     fams = D.families()
     registered, nonconsuming = family_table(fams)
     tok = _envelope_tokens(ids)
-    wanted = [f for f, s in fams.items() if s.get("segment") == ids.segment and not s.get("unused")]
+    wanted = rnglog.reconciled_families(fams, ids.segment)
     own = [f for f in FAMILIES if f in fams and fams[f].get("segment") == SEGMENT]
     for fam in own + [f for f in wanted if f not in own]:
         try:
@@ -2247,7 +2209,7 @@ def _events(ctx, L: _Loaded, fl: Failures, fs_ev: dict, env: dict, dup: dict, su
             rec[fam] = e
             continue
         if fam in wanted:
-            rec[fam] = _reconcile_family(t, fam, fams[fam], ids)
+            rec[fam] = rnglog.summarise_events(t, fam, fams[fam], ids, chain=True)
         if fam not in own or t.num_rows == 0:
             continue
         t = t.drop_columns(["_part", "_line"])
@@ -2318,114 +2280,15 @@ def _trace_finals_fast(t: pa.Table, ids) -> tuple[dict, dict] | None:
     return finals, rows_per_key
 
 
-def _rows_of(table: pa.Table, mask: np.ndarray) -> list[dict]:
-    """rnglog's offending-row excerpt (its private _rows_of when present)."""
-    from engine.core import rnglog
-
-    fn = getattr(rnglog, "_rows_of", None)
-    if fn is not None:
-        return fn(table, mask)
-    return []
-
-
-def _trace_keys(t: pa.Table, ids) -> dict:
-    """What rnglog.reconcile reads from the trace, computed once so the trace can be dropped before the events
-    are read: its embedded run_id / seed failures and, per (module, substream_label) as it keys them, the row
-    count and the (events, blocks, draws) totals of its final row (rnglog._final_trace_row: max events_total,
-    then latest ts_utc, then max after counter)."""
-    out: dict[str, Any] = {"embed": [], "keys": {}}
-    if t.num_rows == 0:
-        return out
-    bad = ~np.asarray(pc.fill_null(pc.equal(t["run_id"], ids.run_id), False).to_numpy(zero_copy_only=False),
-                      dtype=bool)
-    if bad.any():
-        out["embed"].append({"code": "E_PATH_EMBED_MISMATCH", "family": None, "detail": f"trace run_id differs from "
-                             f"{ids.run_id}", "rows": _rows_of(t, bad), "count": int(bad.sum())})
-    bad = ~np.asarray(pc.fill_null(pc.equal(t["seed"], pa.scalar(int(ids.seed), pa.uint64())), False).to_numpy(
-        zero_copy_only=False), dtype=bool)
-    if bad.any():
-        out["embed"].append({"code": "E_PATH_EMBED_MISMATCH", "family": None, "detail": f"trace seed differs from "
-                             f"{ids.seed}", "rows": _rows_of(t, bad), "count": int(bad.sum())})
-    combo = pc.dictionary_encode(pc.binary_join_element_wise(t["module"], t["substream_label"], "\x00")
-                                 .combine_chunks())
-    codes = np.asarray(pc.fill_null(combo.indices, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-    order = np.argsort(codes, kind="stable")
-    cs = codes[order]
-    starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
-    ends = np.r_[starts[1:], len(cs)]
-    et = None
-    if t["events_total"].null_count == 0:
-        et = np.asarray(t["events_total"].to_numpy(), dtype=np.uint64)
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        if cs[a] < 0:
-            continue  # null module or label: not a key (pc.unique(pc.drop_null(...)) in rnglog)
-        m, _, lab = combo.dictionary[int(cs[a])].as_py().partition("\x00")
-        cand = order[a:b]  # file order
-        if et is not None:
-            e = et[cand]
-            cand = cand[e == e.max()]
-        sub = t.take(pa.array(cand, pa.int64()))
-        if len(cand) > 1:
-            first = pc.sort_indices(sub, sort_keys=[("events_total", "descending"), ("ts_utc", "descending"),
-                                                    ("rng_counter_after_hi", "descending"),
-                                                    ("rng_counter_after_lo", "descending")])
-            sub = sub.take(first.slice(0, 1))
-        final = sub.slice(0, 1).to_pylist()[0]
-        out["keys"][(m, lab)] = (b - a, (final["events_total"], final["blocks_total"], final["draws_total"]))
-    return out
-
-
 def _reconcile_findings(ids, fams: dict, wanted: list[str], rec: dict, audit_raw: list[dict],
-                        trace_error: EngineError | None, tkeys: dict) -> list[dict]:
-    """rnglog.reconcile(chain=True) from what S9 already read: the audit rows, the per-family results in
-    ``rec`` (dictionary order), the trace summary of :func:`_trace_keys`. Same failure dicts, same order."""
+                        trace_error: EngineError | None, tsum, audit_file: Path | None = None) -> list[dict]:
+    """rnglog.reconcile(chain=True)'s failures from what S9 already read, by rnglog's own parts: the audit rows,
+    the per-family ``rnglog.summarise_events`` results (or read errors) in ``rec``, taken in ``wanted`` order,
+    and the ``rnglog.summarise_trace`` result ``tsum`` (or the trace's read error)."""
     from engine.core import rnglog
 
-    out: list[dict] = []
-    algo = getattr(rnglog, "ALGORITHM", "philox2x64-10")
-    if not any(r.get("run_id") == ids.run_id and r.get("seed") == int(ids.seed)
-               and r.get("parameter_hash") == ids.parameter_hash
-               and r.get("manifest_fingerprint") == ids.manifest_fingerprint and r.get("algorithm") == algo
-               for r in audit_raw):
-        out.append({"code": "E_RNG_AUDIT_MISSING", "family": None, "detail": "no rng_audit_log row for this run",
-                    "rows": []})
-    sums: dict[tuple[str, str], list[int]] = {}
-    key_family: dict[tuple[str, str], str] = {}
-    for fam in wanted:
-        r = rec.get(fam)
-        if isinstance(r, Exception):
-            if not isinstance(r, rnglog.RngError):
-                raise r
-            out.append({"code": r.code, "family": fam, "detail": r.message, "rows": []})
-            continue
-        out += r["fails"]
-        for s in fams[fam]["streams"]:
-            key_family.setdefault((s["module"], s["substream_label"]), fam)
-        for key, n, bl, dr in r["keys"]:
-            acc = sums.setdefault(key, [0, 0, 0])
-            acc[0] += n
-            acc[1] += bl
-            acc[2] += dr
-            key_family.setdefault(key, fam)
-    if trace_error is not None:
-        if not isinstance(trace_error, rnglog.RngError):
-            raise trace_error
-        out.append({"code": trace_error.code, "family": None, "detail": trace_error.message, "rows": []})
-        return out
-    out += tkeys["embed"]
-    registered = {(s["module"], s["substream_label"]) for f in wanted for s in fams[f]["streams"]}
-    for key in sorted(set(sums) | (set(tkeys["keys"]) & registered)):
-        m, lab = key
-        fam = key_family.get(key)
-        n_ev, s_bl, s_dr = sums.get(key, [0, 0, 0])
-        n_rows, got = tkeys["keys"].get(key, (0, None))
-        if n_rows != n_ev:
-            out.append({"code": "E_TRACE_COVERAGE_MISSING", "family": fam, "detail": f"trace has {n_rows} rows for "
-                        f"({m}, {lab}) but the events number {n_ev}", "rows": []})
-        if n_rows and got != (n_ev, s_bl, s_dr):
-            out.append({"code": "E_TRACE_TOTALS_MISMATCH", "family": fam, "detail": f"final trace totals (events, "
-                        f"blocks, draws) {got} != event sums {(n_ev, s_bl, s_dr)} for ({m}, {lab})", "rows": []})
-    return out
+    trace = trace_error if trace_error is not None else tsum
+    return rnglog.reconcile_summaries(ids, fams, {f: rec[f] for f in wanted}, trace, audit_raw, audit_file)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -2796,7 +2659,7 @@ def validate(ctx) -> Result:
     tfin = _trace_finals_fast(tt, ids) if tt is not None else ({}, {})
     if tfin is None:
         tfin = _trace_finals(trace_frame_from_table(tt), ids, st_tr)
-    tkeys = _trace_keys(tt, ids) if tt is not None else {"embed": [], "keys": {}}
+    tsum = rnglog.summarise_trace(tt, ids) if tt is not None else None
     del tt
     prog.advance()
     wanted = _events(ctx, L, load_ev, st_ev, env, dup, sums, rec)
@@ -2808,7 +2671,8 @@ def validate(ctx) -> Result:
         fails.extend(part)
     # ---- trace and audit (00-core §3.7), then rnglog's own reconciliation from the same reads
     acct = _trace_accounting(sums, tfin, L.audit, ids, fails)
-    findings = _reconcile_findings(ids, D.families(), wanted, rec, audit_raw, trace_error, tkeys)
+    findings = _reconcile_findings(ids, D.families(), wanted, rec, audit_raw, trace_error, tsum,
+                                   rnglog.audit_path(ctx.data_root, ids, ctx.config))
     del rec
     _reconcile(ctx, fails, findings)
     prog.advance()
@@ -2935,7 +2799,7 @@ def validate(ctx) -> Result:
 
 def _reconcile(ctx, fails: Failures, findings: list[dict] | None = None) -> None:
     """rnglog's own events-vs-trace-vs-audit reconciliation, mapped onto the S9 codes. ``findings``: its
-    failure dicts computed from the tables S9 already read (:func:`_reconcile_trace`); None calls
+    failure dicts computed from the tables S9 already read (:func:`_reconcile_findings`); None calls
     ``rnglog.reconcile`` (which reads every log again)."""
     from engine.core import rnglog
 
