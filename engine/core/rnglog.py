@@ -401,6 +401,32 @@ def _scalar_json(v: Any) -> str:
     return json.dumps(v, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
 
+def _chunk_inputs(r0: int, r1: int, u64s: list, i64s: list, svals: list, soffs: list, null_rows: list) -> tuple:
+    """Rows [r0, r1) of the plan's columns as :func:`_render`'s inputs: u64 / i64 / null matrices (one row per
+    column), and the string columns' bytes concatenated with their offsets rebased onto that blob."""
+    m = r1 - r0
+    u64m = np.empty((len(u64s), m), np.uint64)
+    for k, a in enumerate(u64s):
+        u64m[k] = a[r0:r1]
+    i64m = np.empty((len(i64s), m), np.int64)
+    for k, a in enumerate(i64s):
+        i64m[k] = a[r0:r1]
+    nm = np.empty((len(null_rows), m), np.bool_)
+    for k, a in enumerate(null_rows):
+        nm[k] = a[r0:r1]
+    so = np.empty((len(soffs), m + 1), np.int64)
+    pieces = []
+    base = 0
+    for k, (v, o) in enumerate(zip(svals, soffs)):
+        s0, s1 = int(o[r0]), int(o[r1])
+        pieces.append(v[s0:s1])
+        so[k] = o[r0:r1 + 1]
+        so[k] += base - s0
+        base += s1 - s0
+    sv = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+    return u64m, i64m, sv, so, nm
+
+
 class _Plan:
     """Columnar description of n JSON lines; :meth:`chunks` renders them (sorted keys, compact, ASCII)."""
 
@@ -422,10 +448,14 @@ class _Plan:
         t = arr.type
         nulls = np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool) if arr.null_count else None
         if pa.types.is_unsigned_integer(t):
-            vals = np.asarray(pc.fill_null(pc.cast(arr, pa.uint64()), 0).to_numpy(zero_copy_only=False), np.uint64)
+            if t != pa.uint64() or arr.null_count:
+                arr = pc.fill_null(pc.cast(arr, pa.uint64()), 0)
+            vals = np.asarray(arr.to_numpy(zero_copy_only=False), np.uint64)
             self._fields.append((name, K_U64, vals, nulls, omit_null))
         elif pa.types.is_integer(t):
-            vals = np.asarray(pc.fill_null(pc.cast(arr, pa.int64()), 0).to_numpy(zero_copy_only=False), np.int64)
+            if t != pa.int64() or arr.null_count:
+                arr = pc.fill_null(pc.cast(arr, pa.int64()), 0)
+            vals = np.asarray(arr.to_numpy(zero_copy_only=False), np.int64)
             self._fields.append((name, K_I64, vals, nulls, omit_null))
         elif pa.types.is_boolean(t):
             vals = np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool).astype(np.uint64)
@@ -451,7 +481,6 @@ class _Plan:
         soffs: list[np.ndarray] = []
         null_rows: list[np.ndarray] = []
         bound = 3
-        sbase = 0
         pending = b""
         for i, (name, kind, payload, nulls, om) in enumerate(fields):
             key = (b"," if i else b"") + json.dumps(name).encode("ascii") + b":"
@@ -470,12 +499,9 @@ class _Plan:
                 width = _VAL_BOUND[kind]
             else:
                 v, o = _string_buffers(payload)
-                v = v[o[0]:o[-1]]
-                o = o - o[0]
                 arg = len(soffs)
                 svals.append(v)
-                soffs.append(o + sbase)
-                sbase += len(v)
+                soffs.append(o)
                 width = int(np.diff(o).max()) if n else 0
             bound += max(width, 4)
             ni = -1
@@ -500,11 +526,6 @@ class _Plan:
             pre_start[j], pre_len[j] = len(blob), len(st[0])
             blob += st[0]
         blob_arr = np.frombuffer(bytes(blob), dtype=np.uint8)
-        u64m = np.vstack(u64s) if u64s else np.zeros((0, n), np.uint64)
-        i64m = np.vstack(i64s) if i64s else np.zeros((0, n), np.int64)
-        sv = np.concatenate(svals) if svals else np.zeros(0, np.uint8)
-        so = np.vstack(soffs) if soffs else np.zeros((0, n + 1), np.int64)
-        nm = np.vstack(null_rows) if null_rows else np.zeros((0, n), np.bool_)
         rows_per = max(1, _CHUNK_BYTES // bound)
         # two buffers used in turn: the consumer (_write_stream) writes chunk k while chunk k+1 renders
         cap = min(n, rows_per) * bound
@@ -513,19 +534,23 @@ class _Plan:
             r1 = min(n, r0 + rows_per)
             ph = phase() if phase is not None else 0
             buf = bufs[i % len(bufs)][ph:ph + cap]
-            pool = _render_pool() if r1 - r0 >= _PAR_MIN_ROWS else None
+            # the chunk's rows of every column as the kernel's matrices (rows 0..m-1): chunk-sized copies reuse
+            # warm memory, where whole-column matrices would fault in ~100 bytes per line of fresh pages
+            m = r1 - r0
+            u64m, i64m, sv, so, nm = _chunk_inputs(r0, r1, u64s, i64s, svals, soffs, null_rows)
+            pool = _render_pool() if m >= _PAR_MIN_ROWS else None
             if pool is None:
-                used = _render(r0, r1, kinds, args, pre_start, pre_len, null_idx, omit, blob_arr, u64m, i64m, sv,
+                used = _render(0, m, kinds, args, pre_start, pre_len, null_idx, omit, blob_arr, u64m, i64m, sv,
                                so, nm, buf)
             else:
                 # two halves at once (the kernel releases the GIL): the second renders at the first's worst-case
                 # end and is moved down onto its actual end (memmove, ~1/10 of the rendering cost)
-                rm = r0 + (r1 - r0) // 2
-                off2 = (rm - r0) * bound
-                fut = pool.submit(_render, rm, r1, kinds, args, pre_start, pre_len, null_idx, omit, blob_arr, u64m,
+                rm = m // 2
+                off2 = rm * bound
+                fut = pool.submit(_render, rm, m, kinds, args, pre_start, pre_len, null_idx, omit, blob_arr, u64m,
                                   i64m, sv, so, nm, buf[off2:])
                 try:
-                    used1 = _render(r0, rm, kinds, args, pre_start, pre_len, null_idx, omit, blob_arr, u64m, i64m,
+                    used1 = _render(0, rm, kinds, args, pre_start, pre_len, null_idx, omit, blob_arr, u64m, i64m,
                                     sv, so, nm, buf[:off2])
                 finally:
                     used2 = fut.result()
@@ -1166,7 +1191,8 @@ class RngLogs:
                 continue
             try:
                 if isinstance(v, (pa.Array, pa.ChunkedArray)):
-                    arr = pc.cast(v, arrow_type(prop))
+                    typ = arrow_type(prop)
+                    arr = v if v.type == typ else pc.cast(v, typ)
                 else:
                     arr = pa.array(v, type=arrow_type(prop), from_pandas=True)
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
