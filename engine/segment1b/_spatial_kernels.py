@@ -26,22 +26,10 @@ def _cell(t, t0, step, cells):  # pragma: no cover - numba
 
 
 @njit(cache=True)
-def grid_index(pminx, pminy, pmaxx, pmaxy, x0, y0, sx, sy, gx, gy):  # pragma: no cover - numba
-    """CSR ``(start, parts)`` of the parts overlapping each grid cell (cells row-major, parts ascending)."""
-    n = pminx.shape[0]
-    count = np.zeros(gx * gy + 1, np.int64)
-    for p in range(n):
-        cx0 = _cell(pminx[p], x0, sx, gx)
-        cx1 = _cell(pmaxx[p], x0, sx, gx)
-        cy0 = _cell(pminy[p], y0, sy, gy)
-        cy1 = _cell(pmaxy[p], y0, sy, gy)
-        for cy in range(cy0, cy1 + 1):
-            for cx in range(cx0, cx1 + 1):
-                count[cy * gx + cx + 1] += 1
-    start = np.cumsum(count)
-    fill = start[:-1].copy()
-    parts = np.empty(start[-1], np.int64)
-    for p in range(n):
+def _grid_scan(pminx, pminy, pmaxx, pmaxy, x0, y0, sx, sy, gx, gy, ctr, parts, write):  # pragma: no cover
+    """Visit every (part, cell) with the cell overlapping the part's bounding box, parts ascending: ``ctr[k] += 1``
+    and, when ``write``, ``parts[ctr[k]] = p`` first (counting pass, then filling pass of :func:`grid_index`)."""
+    for p in range(pminx.shape[0]):
         cx0 = _cell(pminx[p], x0, sx, gx)
         cx1 = _cell(pmaxx[p], x0, sx, gx)
         cy0 = _cell(pminy[p], y0, sy, gy)
@@ -49,8 +37,21 @@ def grid_index(pminx, pminy, pmaxx, pmaxy, x0, y0, sx, sy, gx, gy):  # pragma: n
         for cy in range(cy0, cy1 + 1):
             for cx in range(cx0, cx1 + 1):
                 k = cy * gx + cx
-                parts[fill[k]] = p
-                fill[k] += 1
+                if write:
+                    parts[ctr[k]] = p
+                ctr[k] += 1
+
+
+@njit(cache=True)
+def grid_index(pminx, pminy, pmaxx, pmaxy, x0, y0, sx, sy, gx, gy):  # pragma: no cover - numba
+    """CSR ``(start, parts)`` of the parts overlapping each grid cell (cells row-major, parts ascending)."""
+    counts = np.zeros(gx * gy, np.int64)
+    _grid_scan(pminx, pminy, pmaxx, pmaxy, x0, y0, sx, sy, gx, gy, counts, np.empty(0, np.int64), False)
+    start = np.zeros(gx * gy + 1, np.int64)
+    start[1:] = np.cumsum(counts)
+    fill = start[:-1].copy()
+    parts = np.empty(start[-1], np.int64)
+    _grid_scan(pminx, pminy, pmaxx, pmaxy, x0, y0, sx, sy, gx, gy, fill, parts, True)
     return start, parts
 
 
@@ -82,8 +83,7 @@ def bbox_pairs(x, y, pminx, pminy, pmaxx, pmaxy, start, parts, x0, y0, x1, y1, s
     none = np.empty(0, np.int64)
     _bbox_scan(x, y, pminx, pminy, pmaxx, pmaxy, start, parts, x0, y0, x1, y1, sx, sy, gx, gy, counts, none, False)
     pstart = np.zeros(npart + 1, np.int64)
-    for p in range(npart):
-        pstart[p + 1] = pstart[p] + counts[p]
+    pstart[1:] = np.cumsum(counts)
     fill = pstart[:-1].copy()
     pts = np.empty(pstart[npart], np.int64)
     _bbox_scan(x, y, pminx, pminy, pmaxx, pmaxy, start, parts, x0, y0, x1, y1, sx, sy, gx, gy, fill, pts, True)

@@ -52,8 +52,6 @@ PUBLISH_CODE = "E913_ATOMIC_PUBLISH_VIOLATION"
 POLICY_NAME = "policy.s6.jitter.yaml"
 MODES = ("uniform_v1", "mixture_v2")
 MAX_ATTEMPTS_RANGE = (1, 256)
-BOUNDS_COLUMNS = ["tile_id", "min_lat_deg", "max_lat_deg", "min_lon_deg", "max_lon_deg",
-                  "centroid_lat_deg", "centroid_lon_deg"]
 
 
 # ============================================================================================
@@ -312,46 +310,23 @@ def jitter(key, hi, lo, bounds: dict, site_country: np.ndarray, shapes: dict, in
 # ============================================================================================
 # inputs
 # ============================================================================================
-def _read_bounds(bounds_dir: Path, iso: str):
-    """One country's ``tile_bounds`` rows (:data:`BOUNDS_COLUMNS`), ``None`` when absent: the per-country file read
-    with ``pq.ParquetFile`` (no dataset machinery), other partition layouts through
-    :func:`engine.segment1b.s4_alloc_plan.read_country_table`."""
-    import pyarrow.parquet as pq
+def site_bounds(bounds_dir: Path, labels: np.ndarray, site_code: np.ndarray, site_tile: np.ndarray) -> dict:
+    """Per-site rectangle and centroid from ``tile_bounds`` (the lookup S7 and S9 use,
+    :func:`engine.segment1b.s7_synthesis.lookup_tile_bounds`); ``E606_FK_TILE_INDEX`` naming the first country
+    (code order) with assigned tiles absent from ``tile_bounds``."""
+    from engine.segment1b.s7_synthesis import lookup_tile_bounds
 
-    from engine.segment1b import spatial
-
-    p = Path(bounds_dir) / spatial.country_part_name(iso)
-    if p.is_file():
-        return pq.ParquetFile(p).read(columns=BOUNDS_COLUMNS)
-    from engine.segment1b.s4_alloc_plan import read_country_table
-
-    return read_country_table(bounds_dir, iso, BOUNDS_COLUMNS)
-
-
-def site_bounds(bounds_dir: Path, labels: np.ndarray, site_code: np.ndarray, site_tile: np.ndarray,
-                grp: list | None = None) -> dict:
-    """Per-site rectangle and centroid from ``tile_bounds`` (``E606_FK_TILE_INDEX`` when a tile is absent).
-    ``grp``: :func:`groups` of ``site_code`` when the caller has it."""
-    n = site_code.shape[0]
-    out = {k: np.empty(n) for k in ("min_lon", "max_lon", "min_lat", "max_lat", "c_lon", "c_lat")}
-    for c, sel in groups(site_code) if grp is None else grp:
-        t = _read_bounds(bounds_dir, str(labels[c]))
-        tid = np.asarray(t["tile_id"].to_numpy(), dtype=np.uint64) if t is not None else np.zeros(0, np.uint64)
-        # S1 writes tile_id order: the stable sort is then the identity
-        order = np.arange(tid.shape[0]) if bool((tid[1:] >= tid[:-1]).all()) else np.argsort(tid, kind="stable")
-        tid_s = tid[order]
-        want = site_tile[sel]
-        pos = np.searchsorted(tid_s, want)
-        posc = np.minimum(pos, max(tid_s.shape[0] - 1, 0))
-        found = (pos < tid_s.shape[0]) & (tid_s[posc] == want) if tid_s.size else np.zeros(want.shape, bool)
-        if not found.all():
-            raise InputError("E606_FK_TILE_INDEX", f"{labels[c]}: assigned tiles absent from tile_bounds",
-                             path=bounds_dir, rows=np.unique(want[~found])[:10].tolist())
-        src = order[posc]
-        for k, col in (("min_lon", "min_lon_deg"), ("max_lon", "max_lon_deg"), ("min_lat", "min_lat_deg"),
-                       ("max_lat", "max_lat_deg"), ("c_lon", "centroid_lon_deg"), ("c_lat", "centroid_lat_deg")):
-            out[k][sel] = np.asarray(t[col].to_numpy(), dtype=np.float64)[src]
-    return out
+    iso = pa.DictionaryArray.from_arrays(pa.array(np.asarray(site_code, dtype=np.int32), pa.int32()),
+                                         pa.array([str(x) for x in labels], pa.string()))
+    found, cols = lookup_tile_bounds(bounds_dir, iso, site_tile)
+    if not found.all():
+        c = int(np.asarray(site_code)[~found].min())
+        bad = ~found & (np.asarray(site_code) == c)
+        raise InputError("E606_FK_TILE_INDEX", f"{labels[c]}: assigned tiles absent from tile_bounds",
+                         path=bounds_dir, rows=np.unique(np.asarray(site_tile)[bad])[:10].tolist())
+    return {k: cols[col] for k, col in (("min_lon", "min_lon_deg"), ("max_lon", "max_lon_deg"),
+                                         ("min_lat", "min_lat_deg"), ("max_lat", "max_lat_deg"),
+                                         ("c_lon", "centroid_lon_deg"), ("c_lat", "centroid_lat_deg"))}
 
 
 def site_interior(shapes: dict, site_code: np.ndarray, site_tile: np.ndarray, b: dict,
@@ -396,7 +371,7 @@ def compute(ctx) -> tuple[pa.Table, dict, dict]:
                          rows=missing)
     shapes = {int(np.flatnonzero(labels == c)[0]): all_shapes[c] for c in used}
     grp = groups(codes)  # one stable sort by country, shared by the per-country steps
-    b = site_bounds(Path(ctx.path("tile_bounds")), labels, codes, tile, grp)
+    b = site_bounds(Path(ctx.path("tile_bounds")), labels, codes, tile)
     interior = site_interior(shapes, codes, tile, b, grp)
     M = rng.master_material(SEGMENT, ctx.ids.fingerprint_bytes, ctx.ids.seed)
     key, hi, lo = site_streams(M, mid, labels[codes], so)

@@ -309,10 +309,15 @@ def lookup_tile_bounds(bounds_dir: str | Path, iso: Any, tile_id: Any) -> tuple[
     bdir = Path(bounds_dir)
     wanted = [(k, bdir / spatial.country_part_name(names[k])) for k in range(len(names))
               if names[k] is not None and cuts[k + 1] > cuts[k]]
-    wanted = [(k, path) for k, path in wanted if path.is_file()]
+    if spatial.partition_countries(bdir):  # S1's layout: one file per country
+        tables = _read_ahead([(k, path) for k, path in wanted if path.is_file()])
+    else:  # a partition written as generic part files: split by country_iso once
+        from engine.segment1b.s4_alloc_plan import read_country_table
+
+        tables = ((k, read_country_table(bdir, names[k], ["tile_id", *BOUNDS_COLS])) for k, _ in wanted)
     found = np.zeros(n, dtype=bool)
     out = {c: np.empty(n, dtype=np.float64) for c in BOUNDS_COLS}  # every row is written: a value or NaN
-    for k, t in _read_ahead(wanted):
+    for k, t in tables:
         if t is None or t.num_rows == 0:
             continue
         rows = order[cuts[k]:cuts[k + 1]]
