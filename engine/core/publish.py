@@ -381,22 +381,31 @@ def read_parquet_file(path: str | Path, columns: Sequence[str] | None = None,
         return pf.read(columns=columns)
 
 
+def part_files(directory: str | Path, allow_empty: bool = False) -> list[Path]:
+    """The ``part-*.parquet`` files of a partition directory in file-name order (names starting with ``_`` /
+    ``.`` are never data). A missing directory, or no part file unless ``allow_empty``, raises
+    ``EngineError("E_PARTITION_MISSING")``."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise EngineError("E_PARTITION_MISSING", "partition directory not found", path=d)
+    parts = sorted(p for p in d.iterdir() if p.name.startswith("part-") and p.name.endswith(".parquet"))
+    if not parts and not allow_empty:
+        raise EngineError("E_PARTITION_MISSING", "partition holds no part-*.parquet file", path=d)
+    return parts
+
+
 def read_parquet_dir(directory: str | Path, schema: Any = None) -> pa.Table:
     """All ``part-*.parquet`` files of a partition directory (names starting with ``_`` / ``.`` are never
     read), concatenated in file-name order. With ``schema`` (``pa.Schema`` or JSON row schema / ref) the
     columns are selected and cast to it; an empty partition then gives an empty table. A missing directory,
     or no part file without a schema, raises ``EngineError("E_PARTITION_MISSING")``."""
     d = Path(directory)
-    if not d.is_dir():
-        raise EngineError("E_PARTITION_MISSING", "partition directory not found", path=d)
-    parts = sorted(p for p in d.iterdir() if p.name.startswith("part-") and p.name.endswith(".parquet"))
+    parts = part_files(d, allow_empty=schema is not None)
     if schema is not None and not isinstance(schema, pa.Schema):
         from engine.core.schema import arrow_schema
 
         schema = arrow_schema(schema)
     if not parts:
-        if schema is None:
-            raise EngineError("E_PARTITION_MISSING", "partition holds no part-*.parquet file", path=d)
         return schema.empty_table()
     tables = [read_parquet_file(p) for p in parts]
     t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]

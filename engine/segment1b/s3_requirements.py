@@ -174,14 +174,10 @@ def weight_countries(weights_dir: Path) -> set[str]:
 def read_dataset(directory, schema_path, dict_cols=("legal_country_iso",)) -> pa.Table:
     """A 1B S3-S6 partition (``part-*.parquet`` in name order) with the schema's columns and types, the
     ``dict_cols`` kept dictionary-encoded as stored (cheap ISO codes; values unchanged)."""
-    from engine.core.errors import EngineError
     from engine.core.schema import arrow_schema
 
-    d = Path(directory)
     schema = arrow_schema(schema_path)
-    parts = sorted(p for p in d.glob("part-*.parquet")) if d.is_dir() else []
-    if not parts:
-        raise EngineError("E_PARTITION_MISSING", "partition missing or without part files", path=d)
+    parts = publish.part_files(directory)
     dc = [c for c in dict_cols if c in schema.names]
     tables = []
     for p in parts:

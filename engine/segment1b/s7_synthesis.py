@@ -412,14 +412,8 @@ def read_parts(path: str | Path, columns: Sequence[str], dictionary: Sequence[st
     files, concatenated in file-name order -- :func:`engine.core.publish.read_parquet_dir` reading only what is
     used, combined into one chunk per column. ``dictionary`` columns stay dictionary-encoded as Parquet stores
     them. A missing directory or no part file raises ``EngineError("E_PARTITION_MISSING")``."""
-    d = Path(path)
-    if not d.is_dir():
-        raise EngineError("E_PARTITION_MISSING", "partition directory not found", path=d)
-    parts = sorted(p for p in d.iterdir() if p.name.startswith("part-") and p.name.endswith(".parquet"))
-    if not parts:
-        raise EngineError("E_PARTITION_MISSING", "partition holds no part-*.parquet file", path=d)
     tables = []
-    for p in parts:
+    for p in publish.part_files(path):
         pf = pq.ParquetFile(p, read_dictionary=[c for c in dictionary if c in columns])
         names = set(pf.schema_arrow.names)
         tables.append(pf.read(columns=[c for c in columns if c in names]))
